@@ -1,0 +1,198 @@
+r"""The mathematics of LoRA-Pro as pure tensor functions.
+
+Nothing here keeps state or knows about distribution. Every function works on one layer or on a batch of
+layers of the same shape: ``A`` is ``(..., r, n)``, ``B`` is ``(..., m, r)`` and ``scale`` is a float or a
+tensor of the batch shape ``(...)``. One adapted weight is ``W = W0 + s * B @ A``; ``g = dL/dW`` is the full
+fine-tuning gradient and backpropagation gives only
+
+.. math::
+    g_A = s B^\top g, \qquad g_B = s\, g A^\top .
+
+Updating ``A -= lr * a``, ``B -= lr * b`` moves ``W`` (to first order) by ``-lr * G`` with the *equivalent
+gradient* ``G = s B a + s b A``. LoRA-Pro chooses ``(a, b)`` so that ``G`` is the orthogonal projection of
+``g`` onto the tangent space of rank-r matrices at ``B A`` (Theorem 2.1 of the paper):
+
+.. math::
+    a = \tfrac{1}{s^2} (B^\top B)^{-1} g_A + X A, \qquad
+    b = \tfrac{1}{s^2} (I - P_B)\, g_B (A A^\top)^{-1} - B X,
+
+and picks ``X`` (which does not change ``G``) to keep ``(a, b)`` closest to ``(g_A, g_B)``: the Sylvester
+equation ``(B^T B) X + X (A A^T) = -(1/s^2) (B^T B)^{-1} g_A A^T``.
+
+Inverse rule (the "damping" of SPEC section 7). Both Gram matrices are symmetric positive semi-definite and
+are inverted through one symmetric eigendecomposition each, as a *pseudo-inverse*: an eigenvalue
+``lam <= max(rcond * lam_max, sqrt(tiny))`` counts as zero (``rcond = r * eps`` of the compute dtype). So
+
+* for full-rank, reasonably conditioned factors the result is the paper's formula exactly;
+* for ``B = 0`` (PEFT's default initialisation) it gives ``a = 0`` and ``b = (1/s^2) g_B (A A^T)^{-1}``, i.e.
+  ``G = g P_A``, decided from the data and not from a step counter;
+* for rank-deficient ``A`` or ``B`` it gives the least-squares answer: ``G`` is still the orthogonal projection
+  of ``g`` onto ``{B a + b A}``, and nothing is divided by a (numerically) zero eigenvalue.
+
+There is no Tikhonov term: when ``B`` is small but well conditioned (the first steps after ``B = 0``) the exact
+closed form asks ``A`` to move a lot, and it is the Sylvester choice of ``X`` that moves that burden onto
+``B`` (it minimises ``||a - g_A||^2 + ||b - g_B||^2``). All r x r algebra runs in float32 or wider.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+XMode = Literal["sylvester", "zero"]
+X_MODES: tuple[str, ...] = ("sylvester", "zero")
+
+__all__ = [
+    "X_MODES",
+    "EigenFactor",
+    "LoRAFactors",
+    "adjusted_lora_gradients",
+    "compute_dtype",
+    "eigh_psd",
+    "equivalent_gradient",
+    "lora_factors",
+    "lora_gradients",
+    "solve_sylvester_spd",
+    "tangent_projection",
+]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the r x r algebra runs in: ``dtype`` promoted to at least float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _scale_tensor(scale: float | Tensor, like: Tensor) -> Tensor:
+    """``scale`` as a tensor broadcastable against ``(..., rows, cols)`` matrices like ``like``."""
+    s = torch.as_tensor(scale, dtype=like.dtype, device=like.device)
+    return s.reshape(*s.shape, 1, 1)
+
+
+class EigenFactor(NamedTuple):
+    """Symmetric eigendecomposition ``S = Q diag(eigvals) Q^T`` of a PSD matrix, with its pseudo-inverse.
+
+    ``eigvals`` has the eigenvalues that count as zero set to exactly 0; ``inv_eigvals`` holds ``1/eigvals``
+    where kept and 0 elsewhere, so ``Q diag(inv_eigvals) Q^T`` is the pseudo-inverse.
+    """
+
+    Q: Tensor
+    eigvals: Tensor
+    inv_eigvals: Tensor
+
+    def pinv(self) -> Tensor:
+        """The pseudo-inverse ``S^+`` as a matrix."""
+        return (self.Q * self.inv_eigvals.unsqueeze(-2)) @ self.Q.mT
+
+    def solve(self, Y: Tensor) -> Tensor:
+        """``S^+ @ Y`` without forming ``S^+``."""
+        return self.Q @ (self.inv_eigvals.unsqueeze(-1) * (self.Q.mT @ Y))
+
+
+def eigh_psd(S: Tensor, rcond: float | None = None) -> EigenFactor:
+    """Eigendecompose the symmetric PSD matrices ``S`` (``(..., r, r)``) and build their pseudo-inverse.
+
+    Eigenvalues ``<= max(rcond * lam_max, sqrt(tiny))`` (and negative round-off) count as zero.
+    ``rcond`` defaults to ``r * eps`` of ``S.dtype``.
+    """
+    r = S.shape[-1]
+    finfo = torch.finfo(S.dtype)
+    if rcond is None:
+        rcond = r * finfo.eps
+    eigvals, Q = torch.linalg.eigh(S)
+    lam_max = eigvals.amax(dim=-1, keepdim=True)
+    threshold = torch.clamp(lam_max * rcond, min=finfo.tiny**0.5)
+    keep = eigvals > threshold
+    eigvals = torch.where(keep, eigvals, torch.zeros_like(eigvals))
+    safe = torch.where(keep, eigvals, torch.ones_like(eigvals))
+    inv_eigvals = torch.where(keep, 1.0 / safe, torch.zeros_like(eigvals))
+    return EigenFactor(Q, eigvals, inv_eigvals)
+
+
+class LoRAFactors(NamedTuple):
+    """The eigendecompositions of ``B^T B`` and ``A A^T`` that every formula of one step shares."""
+
+    BtB: EigenFactor
+    AAt: EigenFactor
+
+
+def lora_factors(A: Tensor, B: Tensor, rcond: float | None = None) -> LoRAFactors:
+    """Decompose the Gram matrices ``B^T B`` (``(..., r, r)``) and ``A A^T`` once per step."""
+    return LoRAFactors(eigh_psd(B.mT @ B, rcond), eigh_psd(A @ A.mT, rcond))
+
+
+def solve_sylvester_spd(
+    P: Tensor | EigenFactor, Q: Tensor | EigenFactor, C: Tensor, rcond: float | None = None
+) -> Tensor:
+    r"""Solve ``P X + X Q = C`` for symmetric positive (semi-)definite ``P`` and ``Q`` (batched).
+
+    With ``P = U_p diag(p) U_p^T`` and ``Q = U_q diag(q) U_q^T``,
+    ``X = U_p [ (U_p^T C U_q)_{ij} / (p_i + q_j) ] U_q^T``: real arithmetic only, unique for SPD inputs.
+    Where ``p_i + q_j`` is zero (both eigenvalues count as zero) the component is set to 0, which gives the
+    minimum-norm least-squares solution. ``P`` and ``Q`` may be given already decomposed.
+    """
+    Pe = P if isinstance(P, EigenFactor) else eigh_psd(P, rcond)
+    Qe = Q if isinstance(Q, EigenFactor) else eigh_psd(Q, rcond)
+    denom = Pe.eigvals.unsqueeze(-1) + Qe.eigvals.unsqueeze(-2)
+    nonzero = denom > 0
+    Ct = Pe.Q.mT @ C @ Qe.Q
+    Xt = torch.where(nonzero, Ct / torch.where(nonzero, denom, torch.ones_like(denom)), torch.zeros_like(Ct))
+    return Pe.Q @ Xt @ Qe.Q.mT
+
+
+def lora_gradients(A: Tensor, B: Tensor, g: Tensor, scale: float | Tensor) -> tuple[Tensor, Tensor]:
+    """The LoRA gradients backprop gives for a full gradient ``g`` (``(..., m, n)``): ``(s B^T g, s g A^T)``."""
+    s = _scale_tensor(scale, g)
+    return s * (B.mT @ g), s * (g @ A.mT)
+
+
+def equivalent_gradient(A: Tensor, B: Tensor, a: Tensor, b: Tensor, scale: float | Tensor) -> Tensor:
+    """``G = s B a + s b A``: the full-weight step that updating ``A`` by ``a`` and ``B`` by ``b`` makes."""
+    s = _scale_tensor(scale, a)
+    return s * (B @ a + b @ A)
+
+
+def tangent_projection(A: Tensor, B: Tensor, g: Tensor, rcond: float | None = None) -> Tensor:
+    """``P_B g + g P_A - P_B g P_A``: the projection of ``g`` onto the tangent space at ``B A``.
+
+    ``P_B = B (B^T B)^+ B^T`` and ``P_A = A^T (A A^T)^+ A``; no m x m or n x n matrix is formed.
+    """
+    f = lora_factors(A, B, rcond)
+    PBg = B @ f.BtB.solve(B.mT @ g)
+    return PBg + (g - PBg) @ A.mT @ f.AAt.solve(A)
+
+
+def adjusted_lora_gradients(
+    A: Tensor,
+    B: Tensor,
+    gA: Tensor,
+    gB: Tensor,
+    scale: float | Tensor,
+    *,
+    x_mode: XMode = "sylvester",
+    factors: LoRAFactors | None = None,
+    rcond: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""LoRA-Pro's adjusted gradients ``(a, b)`` for the LoRA gradients ``(gA, gB)`` (SPEC sections 3 and 4).
+
+    .. math::
+        a = \tfrac{1}{s^2} (B^\top B)^{+} g_A + X A, \qquad
+        b = \tfrac{1}{s^2} \big(g_B - B (B^\top B)^{+} B^\top g_B\big) (A A^\top)^{+} - B X
+
+    with ``X`` from :func:`solve_sylvester_spd` for ``x_mode="sylvester"`` and ``X = 0`` for ``"zero"``.
+    Inputs must share one floating dtype of at least float32 (see :func:`compute_dtype`); pass ``factors``
+    from :func:`lora_factors` to reuse the decompositions of ``A`` and ``B`` within a step.
+    """
+    if x_mode not in X_MODES:
+        raise ValueError(f"x_mode must be one of {X_MODES}, got {x_mode!r}")
+    f = lora_factors(A, B, rcond) if factors is None else factors
+    inv_s2 = _scale_tensor(scale, gA).reciprocal().square()
+    a = inv_s2 * f.BtB.solve(gA)
+    # (I - P_B) gB (A A^T)^+, written so that no m x m matrix exists; (A A^T)^+ is symmetric.
+    b = inv_s2 * (f.AAt.solve((gB - B @ f.BtB.solve(B.mT @ gB)).mT)).mT
+    if x_mode == "sylvester":
+        X = solve_sylvester_spd(f.BtB, f.AAt, -(a @ A.mT))
+        a = a + X @ A
+        b = b - B @ X
+    return a, b

@@ -1,0 +1,406 @@
+r"""LoRA-Pro optimizers: :class:`LoRAProSGD` (Algorithm 1) and :class:`LoRAProAdamW` (Algorithm 2).
+
+Both are ordinary :class:`torch.optim.Optimizer` subclasses. Their ``param_groups`` hold every trainable
+tensor (the LoRA factors and everything else), so LR schedulers, ``zero_grad``, gradient clipping and
+``GradScaler`` work as with any optimizer. State is keyed by parameter tensors: a pair's full-size Adam
+moments live in ``state[B]`` (``B`` is ``m x r`` and the moments are ``m x n``: the same rows). Tensors that
+belong to no pair are trained with plain AdamW (or SGD) in the same step.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch.optim.adam import adam as _functional_adam
+from torch import Tensor, nn
+from torch.optim.optimizer import Optimizer, _get_scalar_dtype
+
+from .functional import X_MODES, adjusted_lora_gradients, compute_dtype, lora_factors
+from .pairs import LoRAPair, find_lora_pairs, split_trainable
+
+__all__ = ["LoRAProAdamW", "LoRAProSGD"]
+
+ParamsLike = nn.Module | Iterable[Any]
+
+
+def _as_pair(item: Any, index: int) -> LoRAPair | None:
+    if isinstance(item, LoRAPair):
+        return item
+    if isinstance(item, (tuple, list)) and len(item) == 3 and all(isinstance(t, Tensor) for t in item[:2]):
+        return LoRAPair(item[0], item[1], item[2], name=f"pair{index}")
+    return None
+
+
+def _resolve_group(params: Any) -> tuple[list[LoRAPair], list[Tensor]]:
+    """Split one group's ``params`` into LoRA pairs and other tensors."""
+    if isinstance(params, nn.Module):
+        pairs = find_lora_pairs(params)
+        return pairs, split_trainable(params, pairs)
+    if isinstance(params, (Tensor, LoRAPair)):
+        params = [params]
+    pairs: list[LoRAPair] = []
+    others: list[Tensor] = []
+    for i, item in enumerate(params):
+        pair = _as_pair(item, i)
+        if pair is not None:
+            pairs.append(pair)
+        elif isinstance(item, Tensor):
+            others.append(item)
+        else:
+            raise TypeError(
+                "params must be a model, or an iterable of LoRAPair objects, (A, B, scale) tuples and tensors, "
+                f"or of dicts with such 'params'; got an item of type {type(item).__name__}"
+            )
+    return pairs, others
+
+
+def _resolve_params(params: ParamsLike) -> tuple[list[dict[str, Any]], list[LoRAPair]]:
+    if isinstance(params, nn.Module):
+        items: list[Any] = [{"params": params}]
+    else:
+        items = list(params) if not isinstance(params, (Tensor, LoRAPair)) else [params]
+        if not items:
+            raise ValueError("the optimizer got an empty parameter list")
+        if not isinstance(items[0], dict):
+            items = [{"params": items}]
+    groups: list[dict[str, Any]] = []
+    all_pairs: list[LoRAPair] = []
+    for spec in items:
+        if not isinstance(spec, dict) or "params" not in spec:
+            raise TypeError("parameter groups must all be dicts with a 'params' entry")
+        pairs, others = _resolve_group(spec["params"])
+        group = {k: v for k, v in spec.items() if k != "params"}
+        group["params"] = [t for p in pairs for t in (p.A, p.B)] + others
+        groups.append(group)
+        all_pairs.extend(pairs)
+    if not all_pairs:
+        raise ValueError(
+            "no LoRA pair was given: pass a model with LoRA layers, LoRAPair objects or (A, B, scale) tuples"
+        )
+    return groups, all_pairs
+
+
+def _check_nonneg(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"Invalid {name}: {value!r} (expected a finite number >= 0)")
+
+
+def _check_x_mode(x_mode: Any) -> None:
+    if x_mode not in X_MODES:
+        raise ValueError(f"Invalid x_mode: {x_mode!r} (expected one of {', '.join(X_MODES)})")
+
+
+class _PairBatch(NamedTuple):
+    """The matrix views of several pairs of one shape, stacked, in the compute dtype."""
+
+    A: Tensor  # (L, r, n)
+    B: Tensor  # (L, m, r)
+    gA: Tensor
+    gB: Tensor
+    scale: Tensor  # (L,)
+
+
+def _stack_pairs(pairs: Sequence[LoRAPair]) -> _PairBatch:
+    ct = compute_dtype(pairs[0].A.dtype)
+
+    def grad_or_zeros(t: Tensor) -> Tensor:
+        return t.grad if t.grad is not None else torch.zeros_like(t)
+
+    A = torch.stack([p.A_matrix() for p in pairs]).to(ct)
+    B = torch.stack([p.B_matrix() for p in pairs]).to(ct)
+    gA = torch.stack([p.A_matrix(grad_or_zeros(p.A)) for p in pairs]).to(ct)
+    gB = torch.stack([p.B_matrix(grad_or_zeros(p.B)) for p in pairs]).to(ct)
+    scale = torch.tensor([p.scale for p in pairs], dtype=ct, device=A.device)
+    return _PairBatch(A, B, gA, gB, scale)
+
+
+def _bucket_pairs(pairs: Iterable[LoRAPair]) -> list[list[LoRAPair]]:
+    """Group pairs whose matrix views share shape, dtype and device, so their r x r algebra is batched."""
+    buckets: dict[tuple[Any, ...], list[LoRAPair]] = {}
+    for p in pairs:
+        buckets.setdefault((p.rank, *p.shape, p.A.dtype, p.A.device), []).append(p)
+    return list(buckets.values())
+
+
+def _apply_update(pairs: Sequence[LoRAPair], batch: _PairBatch, a: Tensor, b: Tensor, lr: float, wd: float) -> None:
+    """``A <- A (1 - lr wd) - lr a`` and likewise for ``B``, computed in the compute dtype, rounded once."""
+    decay = 1.0 - lr * wd
+    new_A = batch.A.mul(decay).sub_(a, alpha=lr)
+    new_B = batch.B.mul(decay).sub_(b, alpha=lr)
+    for i, p in enumerate(pairs):
+        p.A.copy_(new_A[i].reshape(p.A.shape))
+        p.B.copy_(new_B[i].reshape(p.B.shape))
+
+
+class _LoRAProOptimizer(Optimizer):
+    """Shared machinery: parameter resolution, pair bookkeeping, the non-finite guard and loading."""
+
+    def __init__(self, params: ParamsLike, defaults: dict[str, Any]) -> None:
+        groups, pairs = _resolve_params(params)
+        self._pairs: list[LoRAPair] = pairs
+        self._pair_by_B: dict[int, LoRAPair] = {id(p.B): p for p in pairs}
+        self._pair_A_ids: set[int] = {id(p.A) for p in pairs}
+        super().__init__(groups, defaults)
+        for group in self.param_groups:
+            self._validate_group(group)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        _check_nonneg("learning rate", group["lr"])
+        _check_nonneg("weight_decay", group["weight_decay"])
+        _check_x_mode(group["x_mode"])
+
+    @property
+    def pairs(self) -> list[LoRAPair]:
+        """The LoRA pairs this optimizer treats with LoRA-Pro, in the order of its ``param_groups``."""
+        return list(self._pairs)
+
+    def _split_group(self, group: dict[str, Any]) -> tuple[list[LoRAPair], list[Tensor]]:
+        pairs: list[LoRAPair] = []
+        others: list[Tensor] = []
+        for p in group["params"]:
+            if id(p) in self._pair_A_ids:
+                continue
+            pair = self._pair_by_B.get(id(p))
+            if pair is not None:
+                if pair.A.grad is not None or pair.B.grad is not None:
+                    pairs.append(pair)
+            elif p.grad is not None:
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                others.append(p)
+        return pairs, others
+
+    def _grads_finite(self) -> bool:
+        flags = [
+            torch.isfinite(p.grad).all()
+            for group in self.param_groups
+            for p in group["params"]
+            if p.grad is not None and not p.grad.is_sparse
+        ]
+        return not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Perform one optimization step.
+
+        A step in which any gradient is non-finite changes nothing (parameters and state) and warns; this
+        is what fp16 loss scaling relies on.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self._grads_finite():
+            warnings.warn(
+                f"{type(self).__name__}: a gradient is NaN or Inf; the step was skipped (parameters and state unchanged)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return loss
+        for group in self.param_groups:
+            pairs, others = self._split_group(group)
+            for bucket in _bucket_pairs(pairs):
+                self._step_pairs(group, bucket)
+            if others:
+                self._step_others(group, others)
+        return loss
+
+    def _step_pairs(self, group: dict[str, Any], pairs: list[LoRAPair]) -> None:
+        raise NotImplementedError
+
+    def _step_others(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        raise NotImplementedError
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict; every tensor keeps the dtype it was saved with.
+
+        ``torch.optim.Optimizer`` casts floating state to the parameter's dtype, which would round fp32
+        moments of bf16/fp16 parameters; here the saved dtype is restored from the saved value itself.
+        """
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, param in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id)
+            if not saved:
+                continue
+            for key, value in saved.items():
+                if isinstance(value, Tensor) and key != "step":
+                    loaded = self.state[param][key]
+                    if loaded.dtype != value.dtype:
+                        self.state[param][key] = value.to(device=param.device, copy=True)
+
+
+class LoRAProSGD(_LoRAProOptimizer):
+    r"""LoRA-Pro with plain SGD (the paper's Algorithm 1).
+
+    For every adapted layer, with LoRA gradients ``g_A``, ``g_B`` and scale ``s``:
+
+    .. math::
+        a = \tfrac{1}{s^2}(B^\top B)^{-1} g_A + X A,\quad
+        b = \tfrac{1}{s^2}(I - P_B)\, g_B (A A^\top)^{-1} - B X,\quad
+        A \leftarrow A - \eta a,\quad B \leftarrow B - \eta b,
+
+    so that ``W`` moves by ``-eta G`` with ``G`` the best rank-r (tangent-space) approximation of the full
+    gradient. ``X`` solves the Sylvester equation of :func:`lorapro.functional.adjusted_lora_gradients`
+    (``x_mode="sylvester"``) or is 0 (``"zero"``). Tensors outside pairs get plain SGD. ``weight_decay``
+    is decoupled: every tensor is multiplied by ``1 - lr * weight_decay`` before its update.
+
+    Args:
+        params: a model (its LoRA pairs are found with :func:`lorapro.find_lora_pairs` and every other
+            trainable parameter joins), or an iterable of :class:`LoRAPair` / ``(A, B, scale)`` / tensors,
+            or a list of dicts (parameter groups) whose ``"params"`` is any of these.
+        lr: learning rate.
+        x_mode: ``"sylvester"`` (default) or ``"zero"``.
+        weight_decay: decoupled weight decay.
+    """
+
+    def __init__(
+        self, params: ParamsLike, lr: float, *, x_mode: str = "sylvester", weight_decay: float = 0.0
+    ) -> None:
+        _check_nonneg("learning rate", lr)
+        _check_nonneg("weight_decay", weight_decay)
+        _check_x_mode(x_mode)
+        super().__init__(params, {"lr": lr, "x_mode": x_mode, "weight_decay": weight_decay})
+
+    def _step_pairs(self, group: dict[str, Any], pairs: list[LoRAPair]) -> None:
+        batch = _stack_pairs(pairs)
+        a, b = adjusted_lora_gradients(batch.A, batch.B, batch.gA, batch.gB, batch.scale, x_mode=group["x_mode"])
+        _apply_update(pairs, batch, a, b, group["lr"], group["weight_decay"])
+
+    def _step_others(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        lr, wd = group["lr"], group["weight_decay"]
+        grads = [p.grad for p in params]
+        if wd:
+            torch._foreach_mul_(params, 1.0 - lr * wd)
+        torch._foreach_add_(params, grads, alpha=-lr)
+
+
+class LoRAProAdamW(_LoRAProOptimizer):
+    r"""LoRA-Pro with AdamW and full-size moments (the paper's Algorithm 2, its main method).
+
+    Per adapted layer and step ``t``:
+
+    1. ``(a, b)`` = closed form with ``X = 0``; ``G = s B a + s b A`` (the ``m x n`` equivalent gradient);
+    2. ``M = b1 M + (1-b1) G``, ``V = b2 V + (1-b2) G*G``,
+       ``U = (M / (1-b1^t)) / (sqrt(V / (1-b2^t)) + eps)``;
+    3. ``g_A' = s B^T U``, ``g_B' = s U A^T``;
+    4. ``(a', b')`` = closed form of ``(g_A', g_B')`` with the Sylvester ``X`` (or ``X = 0``);
+    5. ``A <- A (1 - lr wd) - lr a'``, ``B <- B (1 - lr wd) - lr b'``.
+
+    ``M`` and ``V`` are ``m x n`` (float32, or float64 for float64 parameters) and are stored as
+    ``state[B]["exp_avg"]`` / ``state[B]["exp_avg_sq"]`` with ``state[B]["step"]``. Tensors outside pairs
+    (heads, biases, ``modules_to_save``) are trained with exactly :class:`torch.optim.AdamW` in the same
+    step and with the same hyperparameters.
+
+    Args:
+        params: as for :class:`LoRAProSGD`.
+        lr, betas, eps, weight_decay: as for :class:`torch.optim.AdamW` (weight decay is decoupled).
+        x_mode: ``"sylvester"`` (default) or ``"zero"`` for step 4.
+    """
+
+    def __init__(
+        self,
+        params: ParamsLike,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        x_mode: str = "sylvester",
+    ) -> None:
+        _check_nonneg("learning rate", lr)
+        _check_nonneg("weight_decay", weight_decay)
+        _check_nonneg("epsilon value", eps)
+        self._check_betas(betas)
+        _check_x_mode(x_mode)
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "x_mode": x_mode}
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def _check_betas(betas: Any) -> None:
+        ok = isinstance(betas, (tuple, list)) and len(betas) == 2
+        ok = ok and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas)
+        if not ok:
+            raise ValueError(f"Invalid betas: {betas!r} (expected two numbers in [0, 1))")
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        super()._validate_group(group)
+        _check_nonneg("epsilon value", group["eps"])
+        self._check_betas(group["betas"])
+
+    def _pair_state(self, pair: LoRAPair, dtype: torch.dtype) -> dict[str, Any]:
+        state = self.state[pair.B]
+        if not state:
+            m, n = pair.shape
+            state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+            state["exp_avg"] = torch.zeros(m, n, dtype=dtype, device=pair.B.device)
+            state["exp_avg_sq"] = torch.zeros(m, n, dtype=dtype, device=pair.B.device)
+        return state
+
+    def _step_pairs(self, group: dict[str, Any], pairs: list[LoRAPair]) -> None:
+        beta1, beta2 = group["betas"]
+        eps = group["eps"]
+        batch = _stack_pairs(pairs)
+        factors = lora_factors(batch.A, batch.B)
+        a, b = adjusted_lora_gradients(batch.A, batch.B, batch.gA, batch.gB, batch.scale, x_mode="zero", factors=factors)
+        # G = s [B, b] @ [a; A]: one product of inner size 2r per layer.
+        left = torch.cat([batch.B, b], dim=-1)
+        right = torch.cat([a, batch.A], dim=-2)
+        m, n = pairs[0].shape
+        work = torch.empty(m, n, dtype=batch.A.dtype, device=batch.A.device)  # one m x n workspace per shape
+        gA_adam = torch.empty_like(batch.A)
+        gB_adam = torch.empty_like(batch.B)
+        for i, pair in enumerate(pairs):
+            state = self._pair_state(pair, batch.A.dtype)
+            state["step"] += 1
+            t = float(state["step"])
+            s = float(batch.scale[i])
+            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+            G = torch.matmul(left[i], right[i], out=work).mul_(s)
+            exp_avg.lerp_(G, 1.0 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(G, G, value=1.0 - beta2)
+            # U = (M / bc1) / (sqrt(V / bc2) + eps), written into the workspace (G is no longer needed).
+            U = torch.div(exp_avg_sq, 1.0 - beta2**t, out=work).sqrt_().add_(eps)
+            U = torch.div(exp_avg, U, out=work).div_(1.0 - beta1**t)
+            torch.matmul(batch.B[i].mT, U, out=gA_adam[i]).mul_(s)
+            torch.matmul(U, batch.A[i].mT, out=gB_adam[i]).mul_(s)
+        a, b = adjusted_lora_gradients(
+            batch.A, batch.B, gA_adam, gB_adam, batch.scale, x_mode=group["x_mode"], factors=factors
+        )
+        _apply_update(pairs, batch, a, b, group["lr"], group["weight_decay"])
+
+    def _step_others(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        beta1, beta2 = group["betas"]
+        exp_avgs, exp_avg_sqs, steps = [], [], []
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        _functional_adam(
+            params,
+            [p.grad for p in params],
+            exp_avgs,
+            exp_avg_sqs,
+            [],
+            steps,
+            has_complex=any(torch.is_complex(p) for p in params),
+            decoupled_weight_decay=True,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+        )
+

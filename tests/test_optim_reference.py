@@ -1,0 +1,130 @@
+"""Both optimizers agree with the literal float64 transcription of SPEC (tests/reference.py) to 1e-10.
+
+Covered: Linear, Conv2d, Embedding (Tiny) and GPT-2 Conv1D layers; rsLoRA, rank_pattern and alpha_pattern;
+two trainable adapters; modules_to_save; from PEFT's B = 0 start and from a generic point; both choices of X;
+custom (non-PEFT) pairs; weight decay.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lorapro
+from models import gpt2_batch, gpt2_loss, tiny_batch, tiny_gpt2, tiny_loss, tiny_peft
+from reference import ReferenceLoRAPro, peft_layers
+
+TOL = 1e-10
+STEPS = 4
+
+TINY_CASES = {
+    "b0": dict(init_lora_weights=True),
+    "generic": dict(init_lora_weights=False),
+    "rslora-patterns": dict(
+        init_lora_weights=False, use_rslora=True, rank_pattern={"fc1": 2}, alpha_pattern={"fc2": 3}
+    ),
+    "two-adapters-b0": dict(init_lora_weights=True, two_adapters=True),
+    "two-adapters-generic": dict(init_lora_weights=False, two_adapters=True),
+}
+
+
+def _run_both(model, loss_fn, batches, algo, x_mode, lr, weight_decay=0.0):
+    ref_model = copy.deepcopy(model)
+    if algo == "adamw":
+        opt = lorapro.LoRAProAdamW(model, lr=lr, weight_decay=weight_decay, x_mode=x_mode)
+    else:
+        opt = lorapro.LoRAProSGD(model, lr=lr, weight_decay=weight_decay, x_mode=x_mode)
+    ref = ReferenceLoRAPro(ref_model, peft_layers(ref_model), algo=algo, lr=lr, weight_decay=weight_decay, x_mode=x_mode)
+    worst = 0.0
+    for batch in batches:
+        for m in (model, ref_model):
+            m.zero_grad()
+            loss_fn(m, batch).backward()
+        opt.step()
+        ref.step()
+        for (name, p), (_, q) in zip(model.named_parameters(), ref_model.named_parameters()):
+            if p.requires_grad:
+                diff = (p - q).abs().max().item()
+                worst = max(worst, diff)
+                assert diff <= TOL * max(1.0, q.abs().max().item()), f"{name}: differs by {diff:.3e}"
+    return worst
+
+
+@pytest.mark.parametrize("algo", ["adamw", "sgd"])
+@pytest.mark.parametrize("x_mode", ["sylvester", "zero"])
+@pytest.mark.parametrize("case", list(TINY_CASES))
+def test_tiny_model_matches_reference(case, x_mode, algo):
+    model = tiny_peft(dtype=torch.float64, **TINY_CASES[case])
+    assert any("modules_to_save" in n for n, p in model.named_parameters() if p.requires_grad)
+    lr = 1e-2 if algo == "adamw" else 5e-2
+    batches = [tiny_batch(seed=i, dtype=torch.float64) for i in range(STEPS)]
+    _run_both(model, tiny_loss, batches, algo, x_mode, lr)
+
+
+@pytest.mark.parametrize("algo", ["adamw", "sgd"])
+@pytest.mark.parametrize("init", [True, False])
+def test_gpt2_conv1d_matches_reference(init, algo):
+    model = tiny_gpt2(dtype=torch.float64, init_lora_weights=init)
+    batches = [gpt2_batch(seed=i) for i in range(STEPS)]
+    _run_both(model, gpt2_loss, batches, algo, "sylvester", 1e-2)
+
+
+def test_weight_decay_matches_reference():
+    model = tiny_peft(dtype=torch.float64, init_lora_weights=False)
+    batches = [tiny_batch(seed=i, dtype=torch.float64) for i in range(STEPS)]
+    _run_both(model, tiny_loss, batches, "adamw", "sylvester", 1e-2, weight_decay=0.1)
+
+
+class CustomLoRA(nn.Module):
+    """A hand-written LoRA layer (not PEFT): y = x W0^T + s x A^T B^T + bias."""
+
+    def __init__(self, n: int, m: int, r: int, s: float) -> None:
+        super().__init__()
+        self.W0 = nn.Parameter(torch.randn(m, n), requires_grad=False)
+        self.A = nn.Parameter(torch.randn(r, n) / n**0.5)
+        self.B = nn.Parameter(torch.randn(m, r) / r)
+        self.bias = nn.Parameter(torch.zeros(m))
+        self.s = s
+
+    def forward(self, x):
+        return x @ (self.W0 + self.s * self.B @ self.A).T + self.bias
+
+
+@pytest.mark.parametrize("algo", ["adamw", "sgd"])
+def test_custom_pairs_match_reference(algo):
+    torch.manual_seed(0)
+    layer = CustomLoRA(7, 5, 3, s=0.7).double()
+    ref_layer = copy.deepcopy(layer)
+    params = [(layer.A, layer.B, layer.s), layer.bias]
+    opt = lorapro.LoRAProAdamW(params, lr=1e-2) if algo == "adamw" else lorapro.LoRAProSGD(params, lr=1e-2)
+    ref = ReferenceLoRAPro(ref_layer, [("c", ref_layer.A, ref_layer.B, ref_layer.s)], algo=algo, lr=1e-2)
+    x, y = torch.randn(16, 7, dtype=torch.float64), torch.randn(16, 5, dtype=torch.float64)
+    for _ in range(STEPS):
+        for m in (layer, ref_layer):
+            m.zero_grad()
+            ((m(x) - y) ** 2).mean().backward()
+        opt.step()
+        ref.step()
+    for p, q in zip(layer.parameters(), ref_layer.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=TOL)
+
+
+def test_other_params_train_exactly_like_torch_adamw():
+    """The head (modules_to_save) and any other tensor follow torch.optim.AdamW bit for bit."""
+    model = tiny_peft(init_lora_weights=False)
+    head = [p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" in n]
+    twin = [p.detach().clone().requires_grad_() for p in head]
+    opt = lorapro.LoRAProAdamW(model, lr=3e-3, weight_decay=0.05)
+    torch_opt = torch.optim.AdamW(twin, lr=3e-3, weight_decay=0.05)
+    for i in range(5):
+        model.zero_grad()
+        tiny_loss(model, tiny_batch(seed=i)).backward()
+        for p, q in zip(head, twin):
+            q.grad = p.grad.clone()
+        opt.step()
+        torch_opt.step()
+        for p, q in zip(head, twin):
+            assert torch.equal(p, q)
