@@ -19,6 +19,7 @@ class Tiny(nn.Module):
         self.head = nn.Linear(hidden, classes)
 
     def forward(self, tokens: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.emb.weight.dtype)
         h = self.emb(tokens).mean(1) + self.conv(images).mean((2, 3))
         return self.head(torch.tanh(self.fc2(torch.tanh(self.fc1(h)))))
 
@@ -36,6 +37,18 @@ def tiny_loss(model: nn.Module, batch) -> torch.Tensor:
     return F.cross_entropy(model(tokens, images).float(), labels)
 
 
+def train_tiny(model: nn.Module, opt, batch, steps: int) -> list[float]:
+    """Train on one fixed batch; return the loss of every step."""
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = tiny_loss(model, batch)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def tiny_peft(
     *,
     seed: int = 0,
@@ -44,6 +57,7 @@ def tiny_peft(
     r: int = 4,
     lora_alpha: int = 8,
     two_adapters: bool = False,
+    target_modules: tuple[str, ...] = ("emb", "conv", "fc1", "fc2"),
     **config,
 ):
     """A PEFT LoRA model of :class:`Tiny` with the head in ``modules_to_save``."""
@@ -53,7 +67,7 @@ def tiny_peft(
     cfg = LoraConfig(
         r=r,
         lora_alpha=lora_alpha,
-        target_modules=["emb", "conv", "fc1", "fc2"],
+        target_modules=list(target_modules),
         modules_to_save=["head"],
         init_lora_weights=init_lora_weights,
         **config,

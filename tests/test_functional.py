@@ -115,7 +115,7 @@ def ab_scale(A, B, gA, gB, s: float) -> float:
 
     (``b`` itself is pure round-off when ``m == r``, since then ``I - P_B = 0``.)
     """
-    nrm = lambda M: float(torch.linalg.matrix_norm(M, ord=2))  # noqa: E731
+    nrm = lambda M: float(torch.linalg.matrix_norm(M, ord=2))
     lam_B = float(torch.linalg.eigvalsh(B.mT @ B)[0])
     lam_A = float(torch.linalg.eigvalsh(A @ A.mT)[0])
     ua = nrm(gA) / (s**2 * lam_B)
@@ -575,3 +575,15 @@ def test_x_mode_validation():
     gA, gB = lora_gradients(A, B, g, 1.0)
     with pytest.raises(ValueError, match="x_mode"):
         adjusted_lora_gradients(A, B, gA, gB, 1.0, x_mode="bogus")  # type: ignore[arg-type]
+
+
+def test_low_precision_inputs_are_promoted_to_float32():
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(3, 7, generator=g)
+    B = torch.randn(5, 3, generator=g)
+    gA, gB = torch.randn(3, 7, generator=g), torch.randn(5, 3, generator=g)
+    a32, b32 = adjusted_lora_gradients(A, B, gA, gB, 2.0)
+    a16, b16 = adjusted_lora_gradients(*(t.bfloat16() for t in (A, B, gA, gB)), 2.0)
+    assert a16.dtype == b16.dtype == torch.float32
+    torch.testing.assert_close(a16, a32, rtol=0.1, atol=0.1)
+    torch.testing.assert_close(b16, b32, rtol=0.1, atol=0.1)

@@ -11,11 +11,11 @@ import copy
 
 import pytest
 import torch
+from models import gpt2_batch, gpt2_loss, tiny_batch, tiny_gpt2, tiny_loss, tiny_peft
+from reference import ReferenceLoRAPro, peft_layers
 from torch import nn
 
 import lorapro
-from models import gpt2_batch, gpt2_loss, tiny_batch, tiny_gpt2, tiny_loss, tiny_peft
-from reference import ReferenceLoRAPro, peft_layers
 
 TOL = 1e-10
 STEPS = 4

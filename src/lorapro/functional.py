@@ -29,9 +29,14 @@ are inverted through one symmetric eigendecomposition each, as a *pseudo-inverse
 * for rank-deficient ``A`` or ``B`` it gives the least-squares answer: ``G`` is still the orthogonal projection
   of ``g`` onto ``{B a + b A}``, and nothing is divided by a (numerically) zero eigenvalue.
 
-There is no Tikhonov term: when ``B`` is small but well conditioned (the first steps after ``B = 0``) the exact
-closed form asks ``A`` to move a lot, and it is the Sylvester choice of ``X`` that moves that burden onto
-``B`` (it minimises ``||a - g_A||^2 + ||b - g_B||^2``). All r x r algebra runs in float32 or wider.
+There is no Tikhonov term, deliberately: the paper's formula is reproduced exactly wherever it is defined.
+Its price shows right after ``B = 0``: ``G`` contains ``P_B g``, which only ``s B a`` can supply, so
+``||a||`` is about ``||g|| / (s ||B||)`` whatever ``X`` is, and with ``||B||`` of order ``lr`` the second step
+changes ``A`` by an amount comparable to ``A`` itself, independently of ``lr``. The Sylvester ``X`` removes
+the part of that change that lies along ``A``'s own rows (for a gradient direction that persists across
+steps, as Adam's ``U`` does, that is most of it: the burden moves to ``B``); the rest is the exact method's
+answer and training rebalances the factors within a few steps (see the tests and the demo).
+All r x r algebra runs in float32 or wider: inputs of lower precision are promoted (:func:`compute_dtype`).
 """
 
 from __future__ import annotations
@@ -119,6 +124,8 @@ class LoRAFactors(NamedTuple):
 
 def lora_factors(A: Tensor, B: Tensor, rcond: float | None = None) -> LoRAFactors:
     """Decompose the Gram matrices ``B^T B`` (``(..., r, r)``) and ``A A^T`` once per step."""
+    ct = compute_dtype(A.dtype)
+    A, B = A.to(ct), B.to(ct)
     return LoRAFactors(eigh_psd(B.mT @ B, rcond), eigh_psd(A @ A.mT, rcond))
 
 
@@ -181,11 +188,13 @@ def adjusted_lora_gradients(
         b = \tfrac{1}{s^2} \big(g_B - B (B^\top B)^{+} B^\top g_B\big) (A A^\top)^{+} - B X
 
     with ``X`` from :func:`solve_sylvester_spd` for ``x_mode="sylvester"`` and ``X = 0`` for ``"zero"``.
-    Inputs must share one floating dtype of at least float32 (see :func:`compute_dtype`); pass ``factors``
-    from :func:`lora_factors` to reuse the decompositions of ``A`` and ``B`` within a step.
+    The results are in :func:`compute_dtype` of ``A.dtype`` (inputs of lower precision are promoted); pass
+    ``factors`` from :func:`lora_factors` to reuse the decompositions of ``A`` and ``B`` within a step.
     """
     if x_mode not in X_MODES:
         raise ValueError(f"x_mode must be one of {X_MODES}, got {x_mode!r}")
+    ct = compute_dtype(A.dtype)
+    A, B, gA, gB = A.to(ct), B.to(ct), gA.to(ct), gB.to(ct)
     f = lora_factors(A, B, rcond) if factors is None else factors
     inv_s2 = _scale_tensor(scale, gA).reciprocal().square()
     a = inv_s2 * f.BtB.solve(gA)

@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import torch
-from torch.optim.adam import adam as _functional_adam
 from torch import Tensor, nn
+from torch.optim.adam import adam as _functional_adam
 from torch.optim.optimizer import Optimizer, _get_scalar_dtype
 
 from .functional import X_MODES, adjusted_lora_gradients, compute_dtype, lora_factors
@@ -375,20 +375,28 @@ class LoRAProAdamW(_LoRAProOptimizer):
         _apply_update(pairs, batch, a, b, group["lr"], group["weight_decay"])
 
     def _step_others(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """``torch.optim.AdamW`` exactly for float32/float64 tensors.
+
+        fp16/bf16 tensors get float32 moments and float32 arithmetic, rounded once into the parameter: in
+        fp16, AdamW's own arithmetic underflows (``eps = 1e-8`` is 0) and produces NaN.
+        """
         beta1, beta2 = group["betas"]
-        exp_avgs, exp_avg_sqs, steps = [], [], []
+        exp_avgs, exp_avg_sqs, steps, work, grads = [], [], [], [], []
         for p in params:
             state = self.state[p]
+            wide = compute_dtype(p.dtype)
             if not state:
                 state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg"] = torch.zeros_like(p, dtype=wide, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=wide, memory_format=torch.preserve_format)
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
+            work.append(p if wide == p.dtype else p.to(wide))
+            grads.append(p.grad if wide == p.dtype else p.grad.to(wide))
         _functional_adam(
-            params,
-            [p.grad for p in params],
+            work,
+            grads,
             exp_avgs,
             exp_avg_sqs,
             [],
@@ -403,4 +411,7 @@ class LoRAProAdamW(_LoRAProOptimizer):
             eps=group["eps"],
             maximize=False,
         )
+        for p, w in zip(params, work):
+            if w is not p:
+                p.copy_(w)
 

@@ -17,7 +17,6 @@ import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 __all__ = ["LoRAPair", "find_lora_pairs", "split_trainable"]
@@ -37,7 +36,7 @@ class LoRAPair:
             (``nn.Embedding``, GPT-2's ``Conv1D`` with ``fan_in_fan_out``).
     """
 
-    __slots__ = ("A", "B", "_scale", "name", "module", "adapter", "base_weight", "base_transposed")
+    __slots__ = ("A", "B", "_scale", "adapter", "base_transposed", "base_weight", "module", "name")
 
     def __init__(
         self,
