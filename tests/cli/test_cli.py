@@ -108,7 +108,7 @@ def test_compare_writes_table_json_and_plot(bert_dir, tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert [r["method"] for r in results["runs"]] == ["lora", "lorapro"]
     for r in results["runs"]:
-        assert {"eval_accuracy", "final_train_loss", "wall_seconds", "mean_optimizer_step_ms", "peak_rss_mib"} <= set(r)
+        assert {"eval_accuracy", "final_train_loss", "wall_seconds", "mean_optimizer_step_ms", "peak_memory_mib"} <= set(r)
     assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "one learning rate for every method" in printed.lower() or "for every method" in printed

@@ -61,7 +61,8 @@ def _add_train_args(p: argparse.ArgumentParser, *, compare: bool) -> None:
     g.add_argument("--save-every", type=int, default=None, help="steps between checkpoints (default: each eval)")
     g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
     g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="generation length for causal-lm eval")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -97,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # The embedded default of `lorapro compare` (and `make demo`): MiniLM on Rotten Tomatoes.
-DEMO_DEFAULTS = {"max_steps": 150}
+DEMO_DEFAULTS = {"max_steps": 100}
 
 
 def _config_from_args(args: argparse.Namespace, method: str):

@@ -40,7 +40,8 @@ def metric_key(run: dict[str, Any]) -> str:
 
 def format_table(runs: list[dict[str, Any]]) -> str:
     key = metric_key(runs[0])
-    header = [key, "final train loss", "wall s", "opt step ms", "peak RSS MiB", "opt state MiB", "trainable"]
+    mem = "peak GPU MiB" if runs[0].get("device", "cpu").startswith("cuda") else "peak RSS MiB"
+    header = [key, "final train loss", "wall s", "opt step ms", mem, "opt state MiB", "trainable"]
     rows = [
         [
             r["method"],
@@ -48,7 +49,7 @@ def format_table(runs: list[dict[str, Any]]) -> str:
             f"{r['final_train_loss']:.4f}",
             f"{r['wall_seconds']:.0f}",
             f"{r['mean_optimizer_step_ms']:.1f}",
-            f"{r['peak_rss_mib']:.0f}",
+            f"{r['peak_memory_mib']:.0f}",
             f"{r['optimizer_state_mib']:.1f}",
             f"{r['trainable_params']:,}",
         ]

@@ -8,7 +8,6 @@ so ``--resume`` reproduces an uninterrupted run's parameters and metrics.
 from __future__ import annotations
 
 import math
-import os
 import resource
 import sys
 import time
@@ -52,6 +51,7 @@ class TrainConfig:
     max_eval: int | None = None
     eval_batch_size: int = 64
     max_new_tokens: int = 16
+    device: str | None = None
     out: str = "runs/train"
 
     @classmethod
@@ -121,16 +121,30 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
     return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
 
 
-def peak_rss_mib() -> float:
-    """Peak resident memory of this process (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def resolve_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device: {name!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak accelerator memory allocated by torch, or the process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
 class Batches:
     """Turns rows into model inputs with dynamic padding."""
 
-    def __init__(self, data, tokenizer, cfg: TrainConfig) -> None:
-        self.data, self.tok, self.cfg = data, tokenizer, cfg
+    def __init__(self, data, tokenizer, cfg: TrainConfig, device: torch.device | str = "cpu") -> None:
+        self.data, self.tok, self.cfg, self.device = data, tokenizer, cfg, torch.device(device)
 
     def prompt_text(self, prompt: str) -> str:
         if getattr(self.tok, "chat_template", None):
@@ -176,7 +190,8 @@ class Batches:
         return {"input_ids": input_ids, "attention_mask": attn, "labels": lab_t}
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        return self.classification(rows) if self.data.task == "classification" else self.causal(rows)
+        batch = self.classification(rows) if self.data.task == "classification" else self.causal(rows)
+        return {k: v.to(self.device) for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -184,7 +199,7 @@ def evaluate(model, tokenizer, data, cfg: TrainConfig, progress: bool = False) -
     """``eval_accuracy`` (classification) or ``eval_exact_match`` (causal LM), and ``eval_loss``."""
     was_training = model.training
     model.eval()
-    batches = Batches(data, tokenizer, cfg)
+    batches = Batches(data, tokenizer, cfg, next(model.parameters()).device)
     rows = data.eval
     total_loss, total_n, correct = 0.0, 0, 0.0
     bs = cfg.eval_batch_size
@@ -215,6 +230,7 @@ def generate(model, tokenizer, batches: Batches, rows: list[dict], cfg: TrainCon
     try:
         enc = tokenizer([batches.prompt_text(r["prompt"]) for r in rows], return_tensors="pt", padding=True,
                         add_special_tokens=False)
+        enc = {k: v.to(batches.device) for k, v in enc.items()}
         out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                              max_new_tokens=cfg.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     finally:
@@ -255,6 +271,7 @@ def train(
     from . import models as models_mod
 
     cfg.validate()
+    device = resolve_device(cfg.device)
     out = Path(cfg.out)
     ckpt_path = out / "checkpoint.pt"
     if resume and not ckpt_path.is_file():
@@ -284,6 +301,7 @@ def train(
         seed=cfg.seed,
         id2label=id2label,
     )
+    model.to(device)
     opt = make_optimizer(cfg.method, model, cfg)
 
     examples_per_step = cfg.batch_size * cfg.grad_accum
@@ -306,7 +324,7 @@ def train(
         log(f"resuming {cfg.method} from step {state.step} of {total}")
     out.mkdir(parents=True, exist_ok=True)
 
-    batches = Batches(data, tokenizer, cfg)
+    batches = Batches(data, tokenizer, cfg, device)
     model.train()
     bar = None
     if progress:
@@ -380,7 +398,8 @@ def train(
         "steps": state.step,
         "wall_seconds": wall,
         "mean_optimizer_step_ms": 1000.0 * state.opt_step_seconds / max(1, state.step),
-        "peak_rss_mib": peak_rss_mib(),
+        "peak_memory_mib": peak_memory_mib(device),
+        "device": str(device),
         "optimizer_state_mib": optimizer_state_bytes(opt) / 2**20,
         "trainable_params": info["trainable_params"],
         "total_params": info["total_params"],
@@ -402,8 +421,3 @@ def _tail_mean(curve: list[list[float]], k: int = 20) -> float:
     tail = [v for _, v in curve[-k:]]
     return sum(tail) / max(1, len(tail))
 
-
-def default_threads() -> None:
-    """Use every core unless the user set a thread count."""
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
