@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow demo clean
+.PHONY: install test test-slow demo bench clean
 
 install: $(STAMP)
 
@@ -25,6 +25,10 @@ test-slow: install
 
 demo: install
 	$(BIN)/lorapro compare
+
+bench: install
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements-bench.txt
+	$(BIN)/lorapro bench
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis

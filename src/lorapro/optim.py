@@ -136,6 +136,36 @@ def _apply_update(pairs: Sequence[LoRAPair], batch: _PairBatch, a: Tensor, b: Te
         p.B.copy_(new_B[i].reshape(p.B.shape))
 
 
+# On CPU the m x n work of a layer runs over blocks of rows this large (elements): each block's G and U stay
+# in cache between the product that makes them and the products that consume them, so the elementwise Adam
+# passes cost cache bandwidth, and only M and V travel to and from memory (once each).
+_CPU_BLOCK_ELEMENTS = 1 << 17
+
+
+def _adam_on_equivalent_gradient(
+    left: Tensor, right: Tensor, B: Tensor, A: Tensor, M: Tensor, V: Tensor, work: Tensor,
+    gA_out: Tensor, gB_out: Tensor, *, beta1: float, beta2: float, eps: float,
+) -> None:
+    """Steps 2-3 of Algorithm 2 for one layer, up to a constant factor, block by block over rows.
+
+    ``G = left @ right`` (the equivalent gradient), ``M <- lerp(M, G, 1 - beta1)``,
+    ``V <- beta2 V + (1 - beta2) G^2``, ``U' = M / (sqrt(V) + eps)``; writes ``gA_out = B^T U'`` (it must be
+    zero on entry: blocks accumulate into it) and ``gB_out = U' A^T``. ``work`` holds one block.
+    """
+    m = M.shape[0]
+    rows = work.shape[0]
+    for r0 in range(0, m, rows):
+        r1 = min(m, r0 + rows)
+        w = work[: r1 - r0]
+        Mb, Vb = M[r0:r1], V[r0:r1]
+        G = torch.mm(left[r0:r1], right, out=w)
+        Mb.lerp_(G, 1.0 - beta1)
+        Vb.mul_(beta2).addcmul_(G, G, value=1.0 - beta2)
+        U = torch.div(Mb, torch.sqrt(Vb, out=w).add_(eps), out=w)
+        gA_out.addmm_(B[r0:r1].mT, U)
+        torch.mm(U, A.mT, out=gB_out[r0:r1])
+
+
 class _LoRAProOptimizer(Optimizer):
     """Shared machinery: parameter resolution, pair bookkeeping, the non-finite guard and loading."""
 
@@ -344,31 +374,31 @@ class LoRAProAdamW(_LoRAProOptimizer):
 
     def _step_pairs(self, group: dict[str, Any], pairs: list[LoRAPair]) -> None:
         beta1, beta2 = group["betas"]
-        eps = group["eps"]
         batch = _stack_pairs(pairs)
         factors = lora_factors(batch.A, batch.B)
         a, b = adjusted_lora_gradients(batch.A, batch.B, batch.gA, batch.gB, batch.scale, x_mode="zero", factors=factors)
-        # G = s [B, b] @ [a; A]: one product of inner size 2r per layer.
-        left = torch.cat([batch.B, b], dim=-1)
+        # G = s [B, b] @ [a; A]: one product of inner size 2r per layer, with s folded into the small factor.
+        left = torch.cat([batch.B, b], dim=-1).mul_(batch.scale[:, None, None])
         right = torch.cat([a, batch.A], dim=-2)
-        m, n = pairs[0].shape
-        work = torch.empty(m, n, dtype=batch.A.dtype, device=batch.A.device)  # one m x n workspace per shape
-        gA_adam = torch.empty_like(batch.A)
+        gA_adam = torch.zeros_like(batch.A)
         gB_adam = torch.empty_like(batch.B)
+        m, n = pairs[0].shape
+        rows = m if batch.A.device.type != "cpu" else max(1, min(m, _CPU_BLOCK_ELEMENTS // n))
+        work = torch.empty(rows, n, dtype=batch.A.dtype, device=batch.A.device)
         for i, pair in enumerate(pairs):
             state = self._pair_state(pair, batch.A.dtype)
             state["step"] += 1
             t = float(state["step"])
-            s = float(batch.scale[i])
-            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-            G = torch.matmul(left[i], right[i], out=work).mul_(s)
-            exp_avg.lerp_(G, 1.0 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(G, G, value=1.0 - beta2)
-            # U = (M / bc1) / (sqrt(V / bc2) + eps), written into the workspace (G is no longer needed).
-            U = torch.div(exp_avg_sq, 1.0 - beta2**t, out=work).sqrt_().add_(eps)
-            U = torch.div(exp_avg, U, out=work).div_(1.0 - beta1**t)
-            torch.matmul(batch.B[i].mT, U, out=gA_adam[i]).mul_(s)
-            torch.matmul(U, batch.A[i].mT, out=gB_adam[i]).mul_(s)
+            bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t
+            _adam_on_equivalent_gradient(
+                left[i], right[i], batch.B[i], batch.A[i], state["exp_avg"], state["exp_avg_sq"], work,
+                gA_adam[i], gB_adam[i], beta1=beta1, beta2=beta2, eps=group["eps"] * math.sqrt(bc2),
+            )
+            # U = (M / bc1) / (sqrt(V / bc2) + eps) = (sqrt(bc2) / bc1) * M / (sqrt(V) + eps sqrt(bc2)):
+            # the constant and s are applied to the r-sized results, not to an m x n matrix.
+            c = float(batch.scale[i]) * math.sqrt(bc2) / bc1
+            gA_adam[i].mul_(c)
+            gB_adam[i].mul_(c)
         a, b = adjusted_lora_gradients(
             batch.A, batch.B, gA_adam, gB_adam, batch.scale, x_mode=group["x_mode"], factors=factors
         )

@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--threads", type=int, default=None)
+
+    from .. import bench
+
+    p = sub.add_parser("bench", help="time the optimizer step against its peers and its floor",
+                       description=bench.__doc__.split("\n\n")[0])
+    bench.build_parser(p)
+    p.add_argument("--threads", type=int, default=None)
     return parser
 
 
@@ -154,6 +161,17 @@ def _run(args: argparse.Namespace) -> int:
 
         metrics = run_eval(args)
         print(" ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        return 0
+    if args.command == "bench":
+        from .. import bench
+
+        rows = bench.run(args)
+        print()
+        print(bench.report(rows, args))
+        if args.json:
+            from .io import atomic_write_json
+
+            atomic_write_json(args.json, {"args": vars(args), "rows": rows})
         return 0
     build_parser().print_help()
     return 0

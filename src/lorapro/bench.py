@@ -1,0 +1,281 @@
+"""``lorapro bench``: the optimizer step of LoRA-Pro against its peers and its floor, in one run.
+
+For a set of adapted layers (default: 8 of 2048 x 2048, r = 16) with fixed random gradients, it times
+``optimizer.step()`` (median of ``--repeats`` after ``--warmup`` steps) and measures the step's peak *extra*
+memory (allocations live at once during the step, beyond what existed before it) for:
+
+1. ``lorapro``: our :class:`lorapro.LoRAProAdamW`;
+2. ``paper-literal``: a per-layer transcription of the paper's step as the original code does it
+   (``benchmarks/paper_step.py``: complex eigendecomposition, pseudo-inverses, the m x m projector);
+3. ``lora-pro-adamw``: the published peer (``pip install lora-pro-adamw==0.2.1``), ``lorapro_mode="full"``;
+4. ``adamw-lora``: ``torch.optim.AdamW(foreach=True)`` on the LoRA factors only;
+5. ``adamw-full``: ``torch.optim.AdamW(foreach=True)`` on the full weights (full fine-tuning's step);
+6. the floor: ``floor-traffic`` (one read and write of both m x n moments) and ``floor-products`` (the
+   rank-r products the step cannot avoid: ``G = [B, b] [a; A]``, ``B^T U`` and ``U A^T``, about 8 m n r flops).
+
+Rows that cannot run here (the peer not installed, the literal baseline outside a repository checkout) are
+reported as skipped. Ratios are printed against our step, so a noisy machine still gives a fair comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """``"2048x2048:8,5504x2048:2"`` -> eight (2048, 2048) and two (5504, 2048) layers, as (m, n)."""
+    shapes: list[tuple[int, int]] = []
+    for part in text.split(","):
+        dims, _, count = part.strip().partition(":")
+        m, n = (int(x) for x in dims.lower().split("x"))
+        shapes += [(m, n)] * int(count or 1)
+    return shapes
+
+
+class Layers:
+    """LoRA factors with fixed gradients, and the full weights with theirs, for every shape."""
+
+    def __init__(self, shapes, rank: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> None:
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        self.scale = 16.0 / rank  # alpha = 16
+
+        def randn(*size: int, std: float) -> torch.Tensor:
+            return (torch.randn(*size, generator=g) * std).to(device=device, dtype=dtype)
+
+        self.A, self.B, self.W = [], [], []
+        for m, n in shapes:
+            A = randn(rank, n, std=n**-0.5).requires_grad_()
+            B = randn(m, rank, std=1e-2).requires_grad_()
+            A.grad, B.grad = randn(rank, n, std=1e-3), randn(m, rank, std=1e-3)
+            self.A.append(A)
+            self.B.append(B)
+        self.shapes = list(shapes)
+        self.dtype, self.device = dtype, device
+
+    def full_weights(self) -> list[torch.Tensor]:
+        if not self.W:
+            for m, n in self.shapes:
+                W = torch.zeros(m, n, dtype=self.dtype, device=self.device, requires_grad=True)
+                W.grad = torch.full((m, n), 1e-3, dtype=self.dtype, device=self.device)
+                self.W.append(W)
+        return self.W
+
+    def pairs(self) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+        return [(A, B, self.scale) for A, B in zip(self.A, self.B)]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_extra_bytes(fn: Callable[[], Any], device: torch.device) -> int:
+    """Peak of (allocated - allocated before) while ``fn`` runs."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # Each op's self memory is what it allocated minus what it freed (an output that stays alive counts when
+    # the op ends); "[memory]" events are allocations and frees outside any op (mostly frees of dropped
+    # temporaries). Their running sum in time order is the memory the step added; its maximum is the peak.
+    deltas = []
+    for e in prof.events():
+        if e.name == "[memory]":
+            deltas.append((e.time_range.start, e.cpu_memory_usage))
+        elif e.self_cpu_memory_usage:
+            deltas.append((e.time_range.end, e.self_cpu_memory_usage))
+    live = peak = 0
+    for _, d in sorted(deltas, key=lambda x: x[0]):
+        live += d
+        peak = max(peak, live)
+    return peak
+
+
+def time_step(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _restore(layers: Layers, snapshot: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for t, s in zip([*layers.A, *layers.B], snapshot):
+            t.copy_(s)
+
+
+def candidates(layers: Layers, which: list[str]) -> dict[str, Callable[[], Any] | str]:
+    """name -> a zero-argument step function, or a string saying why the row is skipped."""
+    import lorapro
+
+    lr = 1e-4  # tiny steps: the factors stay well conditioned over many repeats
+    out: dict[str, Callable[[], Any] | str] = {}
+    if "lorapro" in which:
+        out["lorapro"] = lorapro.LoRAProAdamW(layers.pairs(), lr=lr).step
+    if "paper-literal" in which:
+        path = Path(__file__).resolve().parents[2] / "benchmarks" / "paper_step.py"
+        if path.is_file():
+            spec = importlib.util.spec_from_file_location("paper_step", path)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            out["paper-literal"] = mod.PaperLoRAProAdamW(layers.pairs(), lr=lr).step
+        else:
+            out["paper-literal"] = "benchmarks/paper_step.py not found (run from a repository checkout)"
+    if "lora-pro-adamw" in which:
+        out["lora-pro-adamw"] = _peer(layers, lr)
+    if "adamw-lora" in which:
+        out["adamw-lora"] = torch.optim.AdamW([*layers.A, *layers.B], lr=lr, foreach=True).step
+    if "adamw-full" in which:
+        out["adamw-full"] = torch.optim.AdamW(layers.full_weights(), lr=lr, foreach=True).step
+    if "floor-traffic" in which or "floor-products" in which:
+        M = [torch.zeros(m, n, dtype=torch.float32, device=layers.device) for m, n in layers.shapes]
+        V = [torch.zeros_like(x) for x in M]
+        if "floor-traffic" in which:
+
+            def traffic() -> None:
+                torch._foreach_mul_(M, 0.9)
+                torch._foreach_mul_(V, 0.999)
+
+            out["floor-traffic"] = traffic
+        if "floor-products" in which:
+            r = layers.A[0].shape[0]
+            left = [torch.randn(m, 2 * r, device=layers.device) for m, _ in layers.shapes]
+            right = [torch.randn(2 * r, n, device=layers.device) for _, n in layers.shapes]
+            gA = [torch.empty(r, n, device=layers.device) for _, n in layers.shapes]
+            gB = [torch.empty(m, r, device=layers.device) for m, _ in layers.shapes]
+            B32 = [b.detach().float() for b in layers.B]
+            A32 = [a.detach().float() for a in layers.A]
+
+            def products() -> None:
+                for i in range(len(M)):
+                    torch.mm(left[i], right[i], out=M[i])
+                    torch.mm(B32[i].T, M[i], out=gA[i])
+                    torch.mm(M[i], A32[i].T, out=gB[i])
+
+            out["floor-products"] = products
+    return out
+
+
+def _peer(layers: Layers, lr: float) -> Callable[[], Any] | str:
+    try:
+        from lora_pro import LoRAProAdamW as PeerLoRAProAdamW
+    except ImportError:
+        return "not installed (pip install lora-pro-adamw==0.2.1)"
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList()
+    for A, B in zip(layers.A, layers.B):
+        layer = torch.nn.Module()
+        layer.lora_A, layer.lora_B = torch.nn.Parameter(A.detach()), torch.nn.Parameter(B.detach())
+        layer.lora_A.grad, layer.lora_B.grad = A.grad.clone(), B.grad.clone()
+        layer.r, layer.lora_alpha = A.shape[0], 16.0
+        model.layers.append(layer)
+    opt = PeerLoRAProAdamW(model, lr=lr, weight_decay=0.0, lorapro_mode="full")
+    grads = [(layer.lora_A, layer.lora_A.grad.clone(), layer.lora_B, layer.lora_B.grad.clone()) for layer in model.layers]
+
+    def step() -> None:
+        for A, gA, B, gB in grads:  # the peer overwrites .grad in place: restore it every step
+            A.grad.copy_(gA)
+            B.grad.copy_(gB)
+        opt.step()
+
+    return step
+
+
+ALL = ["lorapro", "paper-literal", "lora-pro-adamw", "adamw-lora", "adamw-full", "floor-traffic", "floor-products"]
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype]
+    shapes = parse_shapes(args.shapes)
+    which = args.only or ALL
+    rows = []
+    for name in which:
+        layers = Layers(shapes, args.rank, dtype, device)
+        fn = candidates(layers, [name])[name]
+        if isinstance(fn, str):
+            rows.append({"name": name, "skipped": fn})
+            print(f"{name:16s} skipped: {fn}", flush=True)
+            continue
+        repeats = args.repeats if name != "paper-literal" else max(1, min(args.repeats, args.literal_repeats))
+        times = time_step(fn, device, args.warmup, repeats)
+        extra = peak_extra_bytes(fn, device)
+        row = {"name": name, "median_ms": 1000 * statistics.median(times), "min_ms": 1000 * min(times),
+               "repeats": repeats, "peak_extra_mib": extra / 2**20}
+        rows.append(row)
+        print(f"{name:16s} median {row['median_ms']:9.1f} ms   peak extra {row['peak_extra_mib']:8.1f} MiB", flush=True)
+        del layers, fn
+        gc.collect()
+    return rows
+
+
+def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    by = {r["name"]: r for r in rows if "median_ms" in r}
+    ours = by.get("lorapro")
+    shapes = parse_shapes(args.shapes)
+    m_n = sum(m * n for m, n in shapes)
+    lines = [
+        f"shapes {args.shapes} (r = {args.rank}, {args.dtype}, {m_n / 1e6:.1f}M adapted weight elements), "
+        f"{torch.get_num_threads()} threads, median of {args.repeats} after {args.warmup} warm-up steps",
+        "",
+        f"{'step':16s} {'median ms':>10s} {'x lorapro':>10s} {'peak extra MiB':>15s} {'extra / (m n fp32)':>19s}",
+    ]
+    biggest = max(m * n for m, n in shapes) * 4
+    for r in rows:
+        if "median_ms" not in r:
+            lines.append(f"{r['name']:16s} skipped: {r['skipped']}")
+            continue
+        ratio = r["median_ms"] / ours["median_ms"] if ours else float("nan")
+        lines.append(f"{r['name']:16s} {r['median_ms']:10.1f} {ratio:10.2f} {r['peak_extra_mib']:15.1f} "
+                     f"{r['peak_extra_mib'] * 2**20 / biggest:19.2f}")
+    if ours and "floor-traffic" in by and "floor-products" in by:
+        floor = by["floor-traffic"]["median_ms"] + by["floor-products"]["median_ms"]
+        lines.append("")
+        lines.append(f"lorapro / (traffic floor + products floor) = {ours['median_ms'] / floor:.2f}   (target <= 1.2)")
+    if ours and "adamw-full" in by:
+        lines.append(f"lorapro / full fine-tuning AdamW step      = {ours['median_ms'] / by['adamw-full']['median_ms']:.2f}"
+                     "   (target <= 0.5)")
+    if ours and "lora-pro-adamw" in by:
+        lines.append(f"lora-pro-adamw / lorapro                   = {by['lora-pro-adamw']['median_ms'] / ours['median_ms']:.1f}"
+                     "   (target >= 8)")
+    return "\n".join(lines)
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="lorapro bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default="2048x2048:8", help="m x n : count, comma-separated (default 2048x2048:8)")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="parameter dtype")
+    p.add_argument("--device", default=None)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--literal-repeats", type=int, default=3, help="repeats for the slow literal baseline")
+    p.add_argument("--only", type=lambda s: [x.strip() for x in s.split(",")], default=None,
+                   help=f"comma-separated subset of {', '.join(ALL)}")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    return p
