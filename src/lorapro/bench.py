@@ -210,28 +210,34 @@ ALL = ["lorapro", "paper-literal", "lora-pro-adamw", "adamw-lora", "adamw-full",
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Build every candidate, then time them round-robin (``--rounds`` x ``--repeats`` steps each), so slow
+    phases of a shared machine hit all of them alike; report the median step and the peak extra memory."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype]
     shapes = parse_shapes(args.shapes)
     which = args.only or ALL
-    rows = []
+    steps: dict[str, Callable[[], Any]] = {}
+    rows: dict[str, dict[str, Any]] = {}
+    keep = []
     for name in which:
         layers = Layers(shapes, args.rank, dtype, device)
         fn = candidates(layers, [name])[name]
         if isinstance(fn, str):
-            rows.append({"name": name, "skipped": fn})
+            rows[name] = {"name": name, "skipped": fn}
             print(f"{name:16s} skipped: {fn}", flush=True)
             continue
-        repeats = args.repeats if name != "paper-literal" else max(1, min(args.repeats, args.literal_repeats))
-        times = time_step(fn, device, args.warmup, repeats)
-        extra = peak_extra_bytes(fn, device)
-        row = {"name": name, "median_ms": 1000 * statistics.median(times), "min_ms": 1000 * min(times),
-               "repeats": repeats, "peak_extra_mib": extra / 2**20}
-        rows.append(row)
-        print(f"{name:16s} median {row['median_ms']:9.1f} ms   peak extra {row['peak_extra_mib']:8.1f} MiB", flush=True)
-        del layers, fn
-        gc.collect()
-    return rows
+        keep.append(layers)
+        time_step(fn, device, args.warmup, 0)
+        steps[name] = fn
+        rows[name] = {"name": name, "peak_extra_mib": peak_extra_bytes(fn, device) / 2**20, "times": []}
+    for _ in range(args.rounds):
+        for name, fn in steps.items():
+            slow = name == "paper-literal"
+            rows[name]["times"] += time_step(fn, device, 0, min(args.repeats, args.literal_repeats) if slow else args.repeats)
+    for name in steps:
+        times = rows[name].pop("times")
+        rows[name].update(median_ms=1000 * statistics.median(times), min_ms=1000 * min(times), samples=len(times))
+    return [rows[n] for n in which]
 
 
 def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
@@ -241,7 +247,8 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     m_n = sum(m * n for m, n in shapes)
     lines = [
         f"shapes {args.shapes} (r = {args.rank}, {args.dtype}, {m_n / 1e6:.1f}M adapted weight elements), "
-        f"{torch.get_num_threads()} threads, median of {args.repeats} after {args.warmup} warm-up steps",
+        f"{torch.get_num_threads()} threads, median of {args.rounds} round-robin rounds of {args.repeats} steps "
+        f"after {args.warmup} warm-up steps",
         "",
         f"{'step':16s} {'median ms':>10s} {'x lorapro':>10s} {'peak extra MiB':>15s} {'extra / (m n fp32)':>19s}",
     ]
@@ -273,8 +280,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="parameter dtype")
     p.add_argument("--device", default=None)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--literal-repeats", type=int, default=3, help="repeats for the slow literal baseline")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps per candidate per round")
+    p.add_argument("--rounds", type=int, default=5, help="round-robin passes over the candidates")
+    p.add_argument("--literal-repeats", type=int, default=1, help="repeats per round for the slow literal baseline")
     p.add_argument("--only", type=lambda s: [x.strip() for x in s.split(",")], default=None,
                    help=f"comma-separated subset of {', '.join(ALL)}")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")

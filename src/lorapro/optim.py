@@ -139,7 +139,7 @@ def _apply_update(pairs: Sequence[LoRAPair], batch: _PairBatch, a: Tensor, b: Te
 # On CPU the m x n work of a layer runs over blocks of rows this large (elements): each block's G and U stay
 # in cache between the product that makes them and the products that consume them, so the elementwise Adam
 # passes cost cache bandwidth, and only M and V travel to and from memory (once each).
-_CPU_BLOCK_ELEMENTS = 1 << 17
+_CPU_BLOCK_ELEMENTS = 1 << 19
 
 
 def _adam_on_equivalent_gradient(
