@@ -166,17 +166,50 @@ def _adam_on_equivalent_gradient(
         torch.mm(U, A.mT, out=gB_out[r0:r1])
 
 
+def _normalize_process_group(process_group: Any) -> tuple[Any, int, int]:
+    """``None`` | ``ProcessGroup`` | 1-D ``DeviceMesh`` -> (group, rank in it, its size)."""
+    if process_group is None:
+        return None, 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("process_group was given but torch.distributed is not initialized")
+    if hasattr(process_group, "get_group"):  # a DeviceMesh
+        if process_group.ndim != 1:
+            raise ValueError(f"process_group: a DeviceMesh must be 1-D, got {process_group.ndim} dimensions")
+        process_group = process_group.get_group()
+    return process_group, dist.get_rank(process_group), dist.get_world_size(process_group)
+
+
+def _assign_owners(pairs: Sequence[LoRAPair], world: int) -> dict[int, int]:
+    """Largest layers first, each to the rank with the least m * n so far (lowest rank on ties): the same
+    answer on every rank, and per-rank moment memory close to 1/world of the total."""
+    load = [0] * world
+    owner: dict[int, int] = {}
+    for i in sorted(range(len(pairs)), key=lambda i: (-math.prod(pairs[i].shape), i)):
+        rank = min(range(world), key=lambda k: (load[k], k))
+        owner[id(pairs[i].B)] = rank
+        load[rank] += math.prod(pairs[i].shape)
+    return owner
+
+
 class _LoRAProOptimizer(Optimizer):
     """Shared machinery: parameter resolution, pair bookkeeping, the non-finite guard and loading."""
 
-    def __init__(self, params: ParamsLike, defaults: dict[str, Any]) -> None:
+    def __init__(self, params: ParamsLike, defaults: dict[str, Any], process_group: Any = None) -> None:
         groups, pairs = _resolve_params(params)
         self._pairs: list[LoRAPair] = pairs
         self._pair_by_B: dict[int, LoRAPair] = {id(p.B): p for p in pairs}
         self._pair_A_ids: set[int] = {id(p.A) for p in pairs}
+        self._group, self._rank, self._world = _normalize_process_group(process_group)
+        self._owner = _assign_owners(pairs, self._world)  # id(B) -> the rank that keeps the pair's state
         super().__init__(groups, defaults)
         for group in self.param_groups:
             self._validate_group(group)
+
+    def owns(self, pair: LoRAPair) -> bool:
+        """Whether this rank keeps ``pair``'s optimizer state and computes its update (always, without a group)."""
+        return self._owner[id(pair.B)] == self._rank
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         _check_nonneg("learning rate", group["lr"])
@@ -197,7 +230,7 @@ class _LoRAProOptimizer(Optimizer):
             pair = self._pair_by_B.get(id(p))
             if pair is not None:
                 if pair.A.grad is not None or pair.B.grad is not None:
-                    pairs.append(pair)
+                    pairs.append(pair)  # all of them: _sync_pairs needs the same list on every rank
             elif p.grad is not None:
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
@@ -231,13 +264,38 @@ class _LoRAProOptimizer(Optimizer):
                 stacklevel=2,
             )
             return loss
+        stepped: list[LoRAPair] = []
         for group in self.param_groups:
             pairs, others = self._split_group(group)
-            for bucket in _bucket_pairs(pairs):
+            stepped += pairs
+            for bucket in _bucket_pairs(p for p in pairs if self.owns(p)):
                 self._step_pairs(group, bucket)
             if others:
                 self._step_others(group, others)
+        if self._world > 1:
+            self._sync_pairs(stepped)
         return loss
+
+    def _sync_pairs(self, pairs: list[LoRAPair]) -> None:
+        """Give every rank the new A and B of every pair: owners contribute their values, others zeros, and
+        one all-reduce (sum) per dtype moves r (m + n) numbers per pair; x + 0 is exact, so all ranks end with
+        bit-identical factors."""
+        import torch.distributed as dist
+
+        by_dtype: dict[torch.dtype, list[LoRAPair]] = {}
+        for p in pairs:
+            by_dtype.setdefault(p.A.dtype, []).append(p)
+        for plist in by_dtype.values():
+            tensors = [t for p in plist for t in (p.A, p.B)]
+            flat = torch.cat([
+                (t if self.owns(p) else torch.zeros_like(t)).reshape(-1) for p in plist for t in (p.A, p.B)
+            ])
+            dist.all_reduce(flat, group=self._group)
+            offset = 0
+            for t in tensors:
+                n = t.numel()
+                t.copy_(flat[offset : offset + n].view_as(t))
+                offset += n
 
     def _step_pairs(self, group: dict[str, Any], pairs: list[LoRAPair]) -> None:
         raise NotImplementedError
@@ -287,15 +345,22 @@ class LoRAProSGD(_LoRAProOptimizer):
         lr: learning rate.
         x_mode: ``"sylvester"`` (default) or ``"zero"``.
         weight_decay: decoupled weight decay.
+        process_group: shard the per-layer work across ranks, as for :class:`LoRAProAdamW`.
     """
 
     def __init__(
-        self, params: ParamsLike, lr: float, *, x_mode: str = "sylvester", weight_decay: float = 0.0
+        self,
+        params: ParamsLike,
+        lr: float,
+        *,
+        x_mode: str = "sylvester",
+        weight_decay: float = 0.0,
+        process_group: Any = None,
     ) -> None:
         _check_nonneg("learning rate", lr)
         _check_nonneg("weight_decay", weight_decay)
         _check_x_mode(x_mode)
-        super().__init__(params, {"lr": lr, "x_mode": x_mode, "weight_decay": weight_decay})
+        super().__init__(params, {"lr": lr, "x_mode": x_mode, "weight_decay": weight_decay}, process_group)
 
     def _step_pairs(self, group: dict[str, Any], pairs: list[LoRAPair]) -> None:
         batch = _stack_pairs(pairs)
@@ -331,6 +396,11 @@ class LoRAProAdamW(_LoRAProOptimizer):
         params: as for :class:`LoRAProSGD`.
         lr, betas, eps, weight_decay: as for :class:`torch.optim.AdamW` (weight decay is decoupled).
         x_mode: ``"sylvester"`` (default) or ``"zero"`` for step 4.
+        process_group: a ``ProcessGroup`` or 1-D ``DeviceMesh`` whose ranks hold the same parameters and
+            the same (already averaged, e.g. by DDP) gradients. Each adapted layer then has one owner rank
+            (largest layers first, to the least loaded rank) that keeps its m x n moments and computes its
+            update; one all-reduce of r (m + n) numbers per layer gives every rank the new factors. Per-rank
+            moment memory is about 1/world of the total. ``None``: single process.
     """
 
     def __init__(
@@ -342,6 +412,7 @@ class LoRAProAdamW(_LoRAProOptimizer):
         weight_decay: float = 0.0,
         *,
         x_mode: str = "sylvester",
+        process_group: Any = None,
     ) -> None:
         _check_nonneg("learning rate", lr)
         _check_nonneg("weight_decay", weight_decay)
@@ -349,7 +420,7 @@ class LoRAProAdamW(_LoRAProOptimizer):
         self._check_betas(betas)
         _check_x_mode(x_mode)
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "x_mode": x_mode}
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, process_group)
 
     @staticmethod
     def _check_betas(betas: Any) -> None:
