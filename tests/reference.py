@@ -62,7 +62,11 @@ class ReferenceLoRAPro:
     parameter of ``model`` is updated with a literal AdamW (or SGD) transcription.
     """
 
-    def __init__(self, model, layers, *, algo, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, x_mode="sylvester"):
+    def __init__(
+        self, model, layers, *, algo, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, x_mode="sylvester",
+        moments="full",
+    ):
+        self.moments = moments
         self.layers = list(layers)
         ids = {id(t) for _, A, B, _ in self.layers for t in (A, B)}
         self.others = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
@@ -81,6 +85,22 @@ class ReferenceLoRAPro:
             gA, gB = Ap.grad.reshape(r, -1), Bp.grad.reshape(m, r)
             if self.algo == "sgd":
                 a, b = ref_adjust(A, B, gA, gB, s, self.x_mode)
+            elif self.moments == "efficient":  # adjusted gradients, then AdamW with r-sized moments
+                a, b = ref_adjust(A, B, gA, gB, s, self.x_mode)
+                a, b = self._adam(name + ".A", a, t), self._adam(name + ".B", b, t)
+            elif self.moments == "factored":  # Adafactor's second moment: V_ij = R_i C_j / mean(R)
+                a0, b0 = ref_adjust(A, B, gA, gB, s, "zero")
+                G = s * B @ a0 + s * b0 @ A
+                st = self.state.setdefault(
+                    name, {"M": torch.zeros_like(G), "R": torch.zeros(G.shape[0], dtype=G.dtype),
+                           "C": torch.zeros(G.shape[1], dtype=G.dtype)}
+                )
+                st["M"] = b1 * st["M"] + (1 - b1) * G
+                st["R"] = b2 * st["R"] + (1 - b2) * (G * G).mean(dim=1)
+                st["C"] = b2 * st["C"] + (1 - b2) * (G * G).mean(dim=0)
+                V = torch.outer(st["R"], st["C"]) / st["R"].mean()
+                U = (st["M"] / (1 - b1**t)) / (torch.sqrt(V / (1 - b2**t)) + self.eps)
+                a, b = ref_adjust(A, B, s * B.T @ U, s * U @ A.T, s, self.x_mode)
             else:
                 a0, b0 = ref_adjust(A, B, gA, gB, s, "zero")
                 G = s * B @ a0 + s * b0 @ A
@@ -97,7 +117,12 @@ class ReferenceLoRAPro:
             if self.algo == "sgd":
                 p.copy_(p * (1 - lr * wd) - lr * p.grad)
                 continue
-            st = self.state.setdefault(f"other{i}", {"M": torch.zeros_like(p), "V": torch.zeros_like(p)})
-            st["M"] = b1 * st["M"] + (1 - b1) * p.grad
-            st["V"] = b2 * st["V"] + (1 - b2) * p.grad * p.grad
-            p.copy_(p * (1 - lr * wd) - lr * (st["M"] / (1 - b1**t)) / (torch.sqrt(st["V"] / (1 - b2**t)) + self.eps))
+            p.copy_(p * (1 - lr * wd) - lr * self._adam(f"other{i}", p.grad, t))
+
+    def _adam(self, key: str, g: Tensor, t: int) -> Tensor:
+        """Adam's bias-corrected direction for gradient ``g`` (AdamW's update without lr and decay)."""
+        b1, b2 = self.betas
+        st = self.state.setdefault(key, {"M": torch.zeros_like(g), "V": torch.zeros_like(g)})
+        st["M"] = b1 * st["M"] + (1 - b1) * g
+        st["V"] = b2 * st["V"] + (1 - b2) * g * g
+        return (st["M"] / (1 - b1**t)) / (torch.sqrt(st["V"] / (1 - b2**t)) + self.eps)

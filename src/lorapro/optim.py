@@ -22,7 +22,9 @@ from torch.optim.optimizer import Optimizer, _get_scalar_dtype
 from .functional import X_MODES, adjusted_lora_gradients, compute_dtype, lora_factors
 from .pairs import LoRAPair, find_lora_pairs, split_trainable
 
-__all__ = ["LoRAProAdamW", "LoRAProSGD"]
+__all__ = ["MOMENT_MODES", "LoRAProAdamW", "LoRAProSGD"]
+
+MOMENT_MODES = ("full", "bf16", "factored", "efficient")
 
 ParamsLike = nn.Module | Iterable[Any]
 
@@ -142,26 +144,84 @@ def _apply_update(pairs: Sequence[LoRAPair], batch: _PairBatch, a: Tensor, b: Te
 _CPU_BLOCK_ELEMENTS = 1 << 19
 
 
+class _Workspace:
+    """Block-sized buffers for the Adam pass, allocated once per shape and step (never per layer)."""
+
+    def __init__(self, rows: int, n: int, dtype: torch.dtype, device: torch.device, moments: str) -> None:
+        def buf() -> Tensor:
+            return torch.empty(rows, n, dtype=dtype, device=device)
+
+        self.rows = rows
+        self.work = buf()
+        self.M = buf() if moments == "bf16" else None  # float32 copies of bf16 moment blocks
+        self.V = buf() if moments in ("bf16", "factored") else None
+        self.col = torch.empty(n, dtype=dtype, device=device) if moments == "factored" else None
+
+
+def stochastic_round_to_bf16_(dst: Tensor, src: Tensor) -> None:
+    """Round float32 ``src`` into bfloat16 ``dst`` stochastically: up with probability equal to the discarded
+    fraction, so the stored value is unbiased (``E[dst] = src``) and small Adam updates are not lost."""
+    bits = (src if src.dtype == torch.float32 else src.float()).view(torch.int32)
+    noise = torch.randint_like(bits, 0, 1 << 16)
+    dst.copy_(bits.add(noise).bitwise_and_(-65536).view(torch.float32))
+
+
 def _adam_on_equivalent_gradient(
-    left: Tensor, right: Tensor, B: Tensor, A: Tensor, M: Tensor, V: Tensor, work: Tensor,
+    left: Tensor, right: Tensor, B: Tensor, A: Tensor, state: dict[str, Tensor], ws: _Workspace,
     gA_out: Tensor, gB_out: Tensor, *, beta1: float, beta2: float, eps: float,
 ) -> None:
     """Steps 2-3 of Algorithm 2 for one layer, up to a constant factor, block by block over rows.
 
     ``G = left @ right`` (the equivalent gradient), ``M <- lerp(M, G, 1 - beta1)``,
     ``V <- beta2 V + (1 - beta2) G^2``, ``U' = M / (sqrt(V) + eps)``; writes ``gA_out = B^T U'`` (it must be
-    zero on entry: blocks accumulate into it) and ``gB_out = U' A^T``. ``work`` holds one block.
+    zero on entry: blocks accumulate into it) and ``gB_out = U' A^T``. The moments are ``state``'s, stored as
+    the ``moments`` option of :class:`LoRAProAdamW` says.
     """
+    M = state["exp_avg"]
     m = M.shape[0]
-    rows = work.shape[0]
-    for r0 in range(0, m, rows):
-        r1 = min(m, r0 + rows)
-        w = work[: r1 - r0]
-        Mb, Vb = M[r0:r1], V[r0:r1]
+    if "exp_avg_sq_row" in state:
+        _factored_pass(left, right, B, A, state, ws, gA_out, gB_out, beta1=beta1, beta2=beta2, eps=eps)
+        return
+    V = state["exp_avg_sq"]
+    low = M.dtype == torch.bfloat16
+    for r0 in range(0, m, ws.rows):
+        r1 = min(m, r0 + ws.rows)
+        w = ws.work[: r1 - r0]
+        Mb, Vb = (ws.M[: r1 - r0].copy_(M[r0:r1]), ws.V[: r1 - r0].copy_(V[r0:r1])) if low else (M[r0:r1], V[r0:r1])
         G = torch.mm(left[r0:r1], right, out=w)
         Mb.lerp_(G, 1.0 - beta1)
         Vb.mul_(beta2).addcmul_(G, G, value=1.0 - beta2)
+        if low:
+            stochastic_round_to_bf16_(M[r0:r1], Mb)
+            stochastic_round_to_bf16_(V[r0:r1], Vb)
         U = torch.div(Mb, torch.sqrt(Vb, out=w).add_(eps), out=w)
+        gA_out.addmm_(B[r0:r1].mT, U)
+        torch.mm(U, A.mT, out=gB_out[r0:r1])
+
+
+def _factored_pass(
+    left: Tensor, right: Tensor, B: Tensor, A: Tensor, state: dict[str, Tensor], ws: _Workspace,
+    gA_out: Tensor, gB_out: Tensor, *, beta1: float, beta2: float, eps: float,
+) -> None:
+    """Adafactor's second moment: running means of ``G^2`` per row (``R``) and per column (``C``), and
+    ``V_ij = R_i C_j / mean(R)``. The column means need every row, so ``M`` is visited twice."""
+    M, R, C = state["exp_avg"], state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+    m, n = M.shape
+    col = ws.col.zero_()
+    for r0 in range(0, m, ws.rows):
+        r1 = min(m, r0 + ws.rows)
+        G = torch.mm(left[r0:r1], right, out=ws.work[: r1 - r0])
+        M[r0:r1].lerp_(G, 1.0 - beta1)
+        G2 = G.square_()
+        R[r0:r1].mul_(beta2).add_(G2.mean(dim=1), alpha=1.0 - beta2)
+        col.add_(G2.sum(dim=0))
+    C.mul_(beta2).add_(col, alpha=(1.0 - beta2) / m)
+    inv_mean_R = 1.0 / max(float(R.mean()), torch.finfo(R.dtype).tiny)
+    for r0 in range(0, m, ws.rows):
+        r1 = min(m, r0 + ws.rows)
+        w = ws.work[: r1 - r0]
+        V = torch.outer(R[r0:r1], C, out=ws.V[: r1 - r0])
+        U = torch.div(M[r0:r1], V.mul_(inv_mean_R).sqrt_().add_(eps), out=w)
         gA_out.addmm_(B[r0:r1].mT, U)
         torch.mm(U, A.mT, out=gB_out[r0:r1])
 
@@ -388,7 +448,18 @@ class LoRAProAdamW(_LoRAProOptimizer):
     5. ``A <- A (1 - lr wd) - lr a'``, ``B <- B (1 - lr wd) - lr b'``.
 
     ``M`` and ``V`` are ``m x n`` (float32, or float64 for float64 parameters) and are stored as
-    ``state[B]["exp_avg"]`` / ``state[B]["exp_avg_sq"]`` with ``state[B]["step"]``. Tensors outside pairs
+    ``state[B]["exp_avg"]`` / ``state[B]["exp_avg_sq"]`` with ``state[B]["step"]``. ``moments`` trades that
+    memory (8 bytes per adapted weight element) for approximations; the default is the paper's algorithm:
+
+    * ``"full"``: float32 ``M`` and ``V`` (8 bytes per element);
+    * ``"bf16"``: both stored in bfloat16 with stochastic rounding, all arithmetic in float32 (4 bytes);
+    * ``"factored"``: ``M`` in float32, ``V`` as Adafactor's row and column statistics
+      ``V_ij ~ R_i C_j / mean(R)`` with ``R`` and ``C`` the running means of ``G^2`` over columns and rows
+      (``state[B]["exp_avg_sq_row"]`` / ``["exp_avg_sq_col"]``; 4 bytes + O(m + n));
+    * ``"efficient"``: not Algorithm 2 but the cheaper variant of SPEC section 6: the adjusted ``(a, b)`` of
+      step 1 (with ``x_mode``'s ``X``) fed to an ordinary AdamW with r-sized moments on ``A`` and ``B``.
+
+    Tensors outside pairs
     (heads, biases, ``modules_to_save``) are trained with exactly :class:`torch.optim.AdamW` in the same
     step and with the same hyperparameters.
 
@@ -396,6 +467,7 @@ class LoRAProAdamW(_LoRAProOptimizer):
         params: as for :class:`LoRAProSGD`.
         lr, betas, eps, weight_decay: as for :class:`torch.optim.AdamW` (weight decay is decoupled).
         x_mode: ``"sylvester"`` (default) or ``"zero"`` for step 4.
+        moments: ``"full"`` (default), ``"bf16"``, ``"factored"`` or ``"efficient"`` (above).
         process_group: a ``ProcessGroup`` or 1-D ``DeviceMesh`` whose ranks hold the same parameters and
             the same (already averaged, e.g. by DDP) gradients. Each adapted layer then has one owner rank
             (largest layers first, to the least loaded rank) that keeps its m x n moments and computes its
@@ -412,6 +484,7 @@ class LoRAProAdamW(_LoRAProOptimizer):
         weight_decay: float = 0.0,
         *,
         x_mode: str = "sylvester",
+        moments: str = "full",
         process_group: Any = None,
     ) -> None:
         _check_nonneg("learning rate", lr)
@@ -419,7 +492,11 @@ class LoRAProAdamW(_LoRAProOptimizer):
         _check_nonneg("epsilon value", eps)
         self._check_betas(betas)
         _check_x_mode(x_mode)
-        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "x_mode": x_mode}
+        self._check_moments(moments)
+        defaults = {
+            "lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "x_mode": x_mode,
+            "moments": moments,
+        }
         super().__init__(params, defaults, process_group)
 
     @staticmethod
@@ -429,24 +506,45 @@ class LoRAProAdamW(_LoRAProOptimizer):
         if not ok:
             raise ValueError(f"Invalid betas: {betas!r} (expected two numbers in [0, 1))")
 
+    @staticmethod
+    def _check_moments(moments: Any) -> None:
+        if moments not in MOMENT_MODES:
+            raise ValueError(f"Invalid moments: {moments!r} (expected one of {', '.join(MOMENT_MODES)})")
+
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
         _check_nonneg("epsilon value", group["eps"])
         self._check_betas(group["betas"])
+        self._check_moments(group["moments"])
 
-    def _pair_state(self, pair: LoRAPair, dtype: torch.dtype) -> dict[str, Any]:
+    def _pair_state(self, pair: LoRAPair, dtype: torch.dtype, moments: str) -> dict[str, Any]:
         state = self.state[pair.B]
         if not state:
             m, n = pair.shape
+            device = pair.B.device
             state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
-            state["exp_avg"] = torch.zeros(m, n, dtype=dtype, device=pair.B.device)
-            state["exp_avg_sq"] = torch.zeros(m, n, dtype=dtype, device=pair.B.device)
+            store = torch.bfloat16 if moments == "bf16" else dtype
+            state["exp_avg"] = torch.zeros(m, n, dtype=store, device=device)
+            if moments == "factored":
+                state["exp_avg_sq_row"] = torch.zeros(m, dtype=dtype, device=device)
+                state["exp_avg_sq_col"] = torch.zeros(n, dtype=dtype, device=device)
+            else:
+                state["exp_avg_sq"] = torch.zeros(m, n, dtype=store, device=device)
         return state
 
     def _step_pairs(self, group: dict[str, Any], pairs: list[LoRAPair]) -> None:
         beta1, beta2 = group["betas"]
+        moments = group["moments"]
         batch = _stack_pairs(pairs)
         factors = lora_factors(batch.A, batch.B)
+        if moments == "efficient":
+            a, b = adjusted_lora_gradients(
+                batch.A, batch.B, batch.gA, batch.gB, batch.scale, x_mode=group["x_mode"], factors=factors
+            )
+            params = [t for p in pairs for t in (p.A, p.B)]
+            grads = [g for i, p in enumerate(pairs) for g in (a[i].reshape(p.A.shape), b[i].reshape(p.B.shape))]
+            self._adamw(group, params, grads)
+            return
         a, b = adjusted_lora_gradients(batch.A, batch.B, batch.gA, batch.gB, batch.scale, x_mode="zero", factors=factors)
         # G = s [B, b] @ [a; A]: one product of inner size 2r per layer, with s folded into the small factor.
         left = torch.cat([batch.B, b], dim=-1).mul_(batch.scale[:, None, None])
@@ -455,14 +553,14 @@ class LoRAProAdamW(_LoRAProOptimizer):
         gB_adam = torch.empty_like(batch.B)
         m, n = pairs[0].shape
         rows = m if batch.A.device.type != "cpu" else max(1, min(m, _CPU_BLOCK_ELEMENTS // n))
-        work = torch.empty(rows, n, dtype=batch.A.dtype, device=batch.A.device)
+        work = _Workspace(rows, n, batch.A.dtype, batch.A.device, moments)
         for i, pair in enumerate(pairs):
-            state = self._pair_state(pair, batch.A.dtype)
+            state = self._pair_state(pair, batch.A.dtype, moments)
             state["step"] += 1
             t = float(state["step"])
             bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t
             _adam_on_equivalent_gradient(
-                left[i], right[i], batch.B[i], batch.A[i], state["exp_avg"], state["exp_avg_sq"], work,
+                left[i], right[i], batch.B[i], batch.A[i], state, work,
                 gA_adam[i], gB_adam[i], beta1=beta1, beta2=beta2, eps=group["eps"] * math.sqrt(bc2),
             )
             # U = (M / bc1) / (sqrt(V / bc2) + eps) = (sqrt(bc2) / bc1) * M / (sqrt(V) + eps sqrt(bc2)):
@@ -476,14 +574,17 @@ class LoRAProAdamW(_LoRAProOptimizer):
         _apply_update(pairs, batch, a, b, group["lr"], group["weight_decay"])
 
     def _step_others(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        """``torch.optim.AdamW`` exactly for float32/float64 tensors.
+        self._adamw(group, params, [p.grad for p in params])
+
+    def _adamw(self, group: dict[str, Any], params: list[Tensor], gradients: list[Tensor]) -> None:
+        """``torch.optim.AdamW`` exactly for float32/float64 tensors, with the given gradients.
 
         fp16/bf16 tensors get float32 moments and float32 arithmetic, rounded once into the parameter: in
         fp16, AdamW's own arithmetic underflows (``eps = 1e-8`` is 0) and produces NaN.
         """
         beta1, beta2 = group["betas"]
         exp_avgs, exp_avg_sqs, steps, work, grads = [], [], [], [], []
-        for p in params:
+        for p, g in zip(params, gradients):
             state = self.state[p]
             wide = compute_dtype(p.dtype)
             if not state:
@@ -494,7 +595,7 @@ class LoRAProAdamW(_LoRAProOptimizer):
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
             work.append(p if wide == p.dtype else p.to(wide))
-            grads.append(p.grad if wide == p.dtype else p.grad.to(wide))
+            grads.append(g.to(wide))
         _functional_adam(
             work,
             grads,

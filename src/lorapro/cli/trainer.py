@@ -20,7 +20,6 @@ import torch
 from .errors import UserError
 from .io import atomic_torch_save, atomic_write_json
 
-LORAPRO_METHODS = ("lorapro", "lorapro-sgd", "lorapro-zero")
 
 
 @dataclass
@@ -111,6 +110,9 @@ def make_optimizer(method: str, model: torch.nn.Module, cfg: TrainConfig) -> tor
         return lorapro.LoRAProAdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if method == "lorapro-zero":
         return lorapro.LoRAProAdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay, x_mode="zero")
+    if method in ("lorapro-bf16", "lorapro-factored", "lorapro-efficient"):
+        moments = method.split("-", 1)[1]
+        return lorapro.LoRAProAdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay, moments=moments)
     if method == "lorapro-sgd":
         return lorapro.LoRAProSGD(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
     params = [p for p in model.parameters() if p.requires_grad]

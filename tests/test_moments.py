@@ -1,0 +1,81 @@
+"""The memory-lean moment options of LoRAProAdamW: what they store, that they train, and bf16 rounding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lorapro
+from lorapro.optim import stochastic_round_to_bf16_
+from models import tiny_batch, tiny_peft, train_tiny
+from test_training import _lora_linear, _regression_problem
+
+
+def test_stochastic_rounding_is_unbiased_and_between_neighbours():
+    torch.manual_seed(0)
+    x = torch.full((200_000,), 1.0 + 3 * 2.0**-10, dtype=torch.float32)  # between two bf16 values
+    out = torch.empty(x.shape, dtype=torch.bfloat16)
+    stochastic_round_to_bf16_(out, x)
+    lo, hi = 1.0, 1.0 + 2.0**-7
+    values = set(out.float().unique().tolist())
+    assert values == {lo, hi}
+    assert out.float().mean().item() == pytest.approx(x[0].item(), abs=2e-5)  # E[round(x)] = x
+    exact = torch.tensor([1.0, -2.5, 0.0], dtype=torch.float32)
+    out = torch.empty(3, dtype=torch.bfloat16)
+    stochastic_round_to_bf16_(out, exact)
+    assert torch.equal(out.float(), exact)  # representable values are kept exactly
+
+
+def _state_bytes(opt, pair):
+    return sum(v.numel() * v.element_size() for t in (pair.A, pair.B) for v in opt.state[t].values()
+               if torch.is_tensor(v) and v.dim() > 0)
+
+
+def test_state_sizes_per_option():
+    sizes = {}
+    for moments in ("full", "bf16", "factored", "efficient"):
+        model = tiny_peft()
+        opt = lorapro.LoRAProAdamW(model, lr=1e-2, moments=moments)
+        train_tiny(model, opt, tiny_batch(), 1)
+        pair = [p for p in opt.pairs if p.name.endswith("fc2[default]")][0]  # 16 x 16, r = 4
+        sizes[moments] = _state_bytes(opt, pair)
+        if moments == "bf16":
+            assert opt.state[pair.B]["exp_avg"].dtype == torch.bfloat16
+    m = n = 16
+    assert sizes["full"] == 2 * m * n * 4
+    assert sizes["bf16"] == 2 * m * n * 2
+    assert sizes["factored"] == m * n * 4 + (m + n) * 4
+    assert sizes["efficient"] == 2 * 4 * (m + n) * 4  # Adam moments of A (4 x 16) and B (16 x 4)
+
+
+@pytest.mark.parametrize("moments", ["bf16", "factored", "efficient"])
+def test_each_option_reaches_a_low_rank_target(moments):
+    W0, delta, X = _regression_problem()
+    Y = X @ (W0 + delta).T
+    model = _lora_linear(W0)
+    opt = lorapro.LoRAProAdamW(model, lr=2e-2, moments=moments)
+    first = None
+    for _ in range(150):
+        opt.zero_grad()
+        loss = ((model(X) - Y) ** 2).mean()
+        loss.backward()
+        opt.step()
+        first = loss.item() if first is None else first
+    assert ((model(X) - Y) ** 2).mean().item() < 2e-2 * first
+
+
+def test_bf16_moments_survive_a_state_dict_round_trip():
+    model = tiny_peft()
+    opt = lorapro.LoRAProAdamW(model, lr=1e-2, moments="bf16")
+    train_tiny(model, opt, tiny_batch(), 2)
+    opt2 = lorapro.LoRAProAdamW(model, lr=1e-2, moments="bf16")
+    opt2.load_state_dict(opt.state_dict())
+    for pair in opt.pairs:
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert opt2.state[pair.B][key].dtype == torch.bfloat16
+            assert torch.equal(opt2.state[pair.B][key], opt.state[pair.B][key])
+
+
+def test_unknown_option_is_refused():
+    with pytest.raises(ValueError, match="Invalid moments: 'fp8'.*full, bf16, factored, efficient"):
+        lorapro.LoRAProAdamW(tiny_peft(), moments="fp8")
