@@ -30,12 +30,12 @@ SEQ_LEN = 8
 
 
 class RandomTokens(torch.utils.data.Dataset):
-    """Random token ids; the label is whether the first token is below half the vocabulary (learnable)."""
+    """Random token ids from the lower half of the vocabulary (label 0) or the upper half (label 1)."""
 
     def __init__(self, n: int = N_EXAMPLES, seed: int = 1) -> None:
         g = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(1, 100, (n, SEQ_LEN), generator=g)
-        self.labels = (self.ids[:, 0] < 50).long()
+        self.labels = torch.randint(0, 2, (n,), generator=g)
+        self.ids = torch.randint(1, 50, (n, SEQ_LEN), generator=g) + 49 * self.labels[:, None]
 
     def __len__(self) -> int:
         return len(self.ids)

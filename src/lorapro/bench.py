@@ -137,6 +137,9 @@ def candidates(layers: Layers, which: list[str]) -> dict[str, Callable[[], Any] 
     out: dict[str, Callable[[], Any] | str] = {}
     if "lorapro" in which:
         out["lorapro"] = lorapro.LoRAProAdamW(layers.pairs(), lr=lr).step
+    for moments in ("bf16", "factored", "efficient"):
+        if f"lorapro-{moments}" in which:
+            out[f"lorapro-{moments}"] = lorapro.LoRAProAdamW(layers.pairs(), lr=lr, moments=moments).step
     if "paper-literal" in which:
         path = Path(__file__).resolve().parents[2] / "benchmarks" / "paper_step.py"
         if path.is_file():
@@ -207,6 +210,15 @@ def _peer(layers: Layers, lr: float) -> Callable[[], Any] | str:
 
 
 ALL = ["lorapro", "paper-literal", "lora-pro-adamw", "adamw-lora", "adamw-full", "floor-traffic", "floor-products"]
+MEMORY_OPTIONS = ["lorapro-bf16", "lorapro-factored", "lorapro-efficient"]
+
+
+def _state_bytes(optimizer: Any) -> float:
+    """Bytes of every tensor in an optimizer's ``state`` (0 when there is no optimizer object)."""
+    state = getattr(optimizer, "state", None)
+    if not isinstance(state, dict):
+        return float("nan")
+    return float(sum(v.numel() * v.element_size() for st in state.values() for v in st.values() if torch.is_tensor(v)))
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -216,6 +228,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     dtype = DTYPES[args.dtype]
     shapes = parse_shapes(args.shapes)
     which = args.only or ALL
+    elements = sum(m * n for m, n in shapes)
     steps: dict[str, Callable[[], Any]] = {}
     rows: dict[str, dict[str, Any]] = {}
     keep = []
@@ -229,7 +242,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         keep.append(layers)
         time_step(fn, device, args.warmup, 0)
         steps[name] = fn
-        rows[name] = {"name": name, "peak_extra_mib": peak_extra_bytes(fn, device) / 2**20, "times": []}
+        rows[name] = {"name": name, "peak_extra_mib": peak_extra_bytes(fn, device) / 2**20, "times": [],
+                      "state_bytes_per_element": _state_bytes(getattr(fn, "__self__", None)) / elements}
     for _ in range(args.rounds):
         for name, fn in steps.items():
             slow = name == "paper-literal"
@@ -238,6 +252,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         times = rows[name].pop("times")
         rows[name].update(median_ms=1000 * statistics.median(times), min_ms=1000 * min(times), samples=len(times))
     return [rows[n] for n in which]
+
+
+def _fmt(x: float) -> str:
+    return "-" if x != x else f"{x:.3f}"  # NaN: no optimizer state to count
 
 
 def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
@@ -250,16 +268,17 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"{torch.get_num_threads()} threads, median of {args.rounds} round-robin rounds of {args.repeats} steps "
         f"after {args.warmup} warm-up steps",
         "",
-        f"{'step':16s} {'median ms':>10s} {'x lorapro':>10s} {'peak extra MiB':>15s} {'extra / (m n fp32)':>19s}",
+        f"{'step':17s} {'median ms':>10s} {'x lorapro':>10s} {'peak extra MiB':>15s} {'extra / (m n fp32)':>19s}"
+        f" {'state B/element':>16s}",
     ]
     biggest = max(m * n for m, n in shapes) * 4
     for r in rows:
         if "median_ms" not in r:
-            lines.append(f"{r['name']:16s} skipped: {r['skipped']}")
+            lines.append(f"{r['name']:17s} skipped: {r['skipped']}")
             continue
         ratio = r["median_ms"] / ours["median_ms"] if ours else float("nan")
-        lines.append(f"{r['name']:16s} {r['median_ms']:10.1f} {ratio:10.2f} {r['peak_extra_mib']:15.1f} "
-                     f"{r['peak_extra_mib'] * 2**20 / biggest:19.2f}")
+        lines.append(f"{r['name']:17s} {r['median_ms']:10.1f} {ratio:10.2f} {r['peak_extra_mib']:15.1f} "
+                     f"{r['peak_extra_mib'] * 2**20 / biggest:19.2f} {_fmt(r['state_bytes_per_element']):>16s}")
     if ours and "floor-traffic" in by and "floor-products" in by:
         floor = by["floor-traffic"]["median_ms"] + by["floor-products"]["median_ms"]
         lines.append("")
@@ -284,6 +303,6 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--rounds", type=int, default=5, help="round-robin passes over the candidates")
     p.add_argument("--literal-repeats", type=int, default=1, help="repeats per round for the slow literal baseline")
     p.add_argument("--only", type=lambda s: [x.strip() for x in s.split(",")], default=None,
-                   help=f"comma-separated subset of {', '.join(ALL)}")
+                   help=f"comma-separated, from {', '.join(ALL + MEMORY_OPTIONS)} (default: the first seven)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     return p
