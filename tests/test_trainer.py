@@ -295,7 +295,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         resumed_model = tiny_bert_lora()
         rec = Recorder()
         resumed = LoRAProTrainer(
-            model=resumed_model, args=training_args(os.path.join(out_dir, f"resumed"), max_steps=4, save_steps=2,
+            model=resumed_model, args=training_args(os.path.join(out_dir, "resumed"), max_steps=4, save_steps=2,
                                                     per_device_train_batch_size=2),
             train_dataset=RandomTokens(), callbacks=[rec],
         )
