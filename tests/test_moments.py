@@ -20,6 +20,16 @@ def test_stochastic_rounding_is_unbiased_and_between_neighbours():
     values = set(out.float().unique().tolist())
     assert values == {lo, hi}
     assert out.float().mean().item() == pytest.approx(x[0].item(), abs=2e-5)  # E[round(x)] = x
+    # The optimizer's path: each step draws one buffer of random bits and takes windows at random offsets.
+    small = torch.full((1024,), 1.0 + 3 * 2.0**-10, dtype=torch.float32)
+    means = []
+    for _ in range(200):
+        buffer = torch.randint(0, 1 << 16, (4096,), dtype=torch.int32)
+        offset = int(torch.randint(0, 4096 - 1024 + 1, ()))
+        out = torch.empty(1024, dtype=torch.bfloat16)
+        stochastic_round_to_bf16_(out, small, buffer[offset : offset + 1024])
+        means.append(out.float().mean().item())
+    assert sum(means) / len(means) == pytest.approx(small[0].item(), abs=1e-4)
     exact = torch.tensor([1.0, -2.5, 0.0], dtype=torch.float32)
     out = torch.empty(3, dtype=torch.bfloat16)
     stochastic_round_to_bf16_(out, exact)

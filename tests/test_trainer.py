@@ -17,8 +17,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from lorapro import LoRAProAdamW, LoRAProSGD, find_lora_pairs  # noqa: E402
-from lorapro.integrations.transformers import (  # noqa: E402
+from lorapro import LoRAProAdamW, LoRAProSGD, find_lora_pairs
+from lorapro.integrations.transformers import (
     LoRAProTrainer,
     make_lorapro_optimizer,
     optimizer_shard_name,
@@ -60,22 +60,22 @@ def tiny_bert_lora(seed: int = SEED):
 
 
 def training_args(output_dir, **overrides):
-    kw = dict(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=4,
-        learning_rate=5e-3,
-        weight_decay=0.01,
-        max_steps=6,
-        save_strategy="steps",
-        save_steps=3,
-        logging_steps=1,
-        lr_scheduler_type="linear",
-        report_to=[],
-        use_cpu=True,
-        dataloader_num_workers=0,
-        seed=SEED,
-        disable_tqdm=True,
-    )
+    kw = {
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": 4,
+        "learning_rate": 5e-3,
+        "weight_decay": 0.01,
+        "max_steps": 6,
+        "save_strategy": "steps",
+        "save_steps": 3,
+        "logging_steps": 1,
+        "lr_scheduler_type": "linear",
+        "report_to": [],
+        "use_cpu": True,
+        "dataloader_num_workers": 0,
+        "seed": SEED,
+        "disable_tqdm": True,
+    }
     kw.update(overrides)
     return transformers.TrainingArguments(**kw)
 
@@ -118,7 +118,7 @@ class Recorder(transformers.TrainerCallback):
 def test_optimizer_covers_model_and_training_lowers_loss(tmp_path):
     model = tiny_bert_lora()
     data = RandomTokens()
-    args = training_args(tmp_path, max_steps=12, save_strategy="no", learning_rate=1e-2, warmup_steps=2)
+    args = training_args(tmp_path, max_steps=40, save_strategy="no", learning_rate=5e-2, warmup_steps=2, logging_steps=10)
     rec = Recorder()
     trainer = LoRAProTrainer(model=model, args=args, train_dataset=data, eval_dataset=data, callbacks=[rec])
 
@@ -146,7 +146,7 @@ def test_optimizer_covers_model_and_training_lowers_loss(tmp_path):
     before = trainer.evaluate()["eval_loss"]
     trainer.train()
     after = trainer.evaluate()["eval_loss"]
-    assert after < before - 0.05, (before, after)
+    assert after < before - 0.1, (before, after)
     assert inner(trainer.optimizer) is opt
     # The Trainer's scheduler drives the LoRA-Pro optimizer: warmup then linear decay to 0.
     assert rec.lrs[0] == pytest.approx(0.5 * args.learning_rate)
@@ -234,6 +234,14 @@ def test_make_lorapro_optimizer_with_stock_trainer(tmp_path):
     assert isinstance(make_lorapro_optimizer(model, args, method="sgd"), LoRAProSGD)
 
 
+def test_import_lorapro_does_not_import_transformers():
+    import subprocess
+
+    code = "import sys, lorapro, lorapro.integrations; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 def _step_counts(opt) -> set[float]:
     return {float(opt.state[p.B]["step"]) for p in opt.pairs}
 
@@ -255,6 +263,7 @@ def test_bf16(tmp_path):
         trainer = LoRAProTrainer(model=tiny_bert_lora(), args=args, train_dataset=RandomTokens())
     except (ValueError, RuntimeError, ImportError) as e:
         pytest.skip(f"bf16 is not supported on this CPU: {e}")
+    assert trainer.accelerator.mixed_precision == "bf16"
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a skipped (non-finite) step would warn
         result = trainer.train()
@@ -302,8 +311,28 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         resumed.train(resume_from_checkpoint=os.path.join(out_dir, "checkpoint-2"))
         saved = torch.load(os.path.join(out_dir, "checkpoint-2", optimizer_shard_name(rank, world)), weights_only=True)
         assert_state_equal(rec.state_at_begin, saved)
+
+        # A single-process checkpoint (optimizer.pt) cannot be resumed by 2 processes: both ranks refuse it.
+        single = os.path.join(out_dir, "single-checkpoint")
+        if rank == 0:
+            import shutil
+
+            shutil.copytree(os.path.join(out_dir, "checkpoint-2"), single)
+            for r in range(world):
+                os.remove(os.path.join(single, optimizer_shard_name(r, world)))
+            torch.save(saved, os.path.join(single, "optimizer.pt"))
+        dist.barrier()
+        refused = LoRAProTrainer(
+            model=tiny_bert_lora(), args=training_args(os.path.join(out_dir, "refused"), max_steps=4),
+            train_dataset=RandomTokens(),
+        )
+        try:
+            refused.train(resume_from_checkpoint=single)
+            refusal = ""
+        except ValueError as e:
+            refusal = str(e)
         torch.save(
-            {"owned": owned, "moments": with_moments, "full": full, "resumed": trainable(resumed_model),
+            {"refusal": refusal, "owned": owned, "moments": with_moments, "full": full, "resumed": trainable(resumed_model),
              "step": resumed.state.global_step, "saved_state_keys": sorted(saved["state"])},
             os.path.join(out_dir, f"result{rank}.pt"),
         )
@@ -324,6 +353,7 @@ def test_two_processes_sharded_state_checkpoint_and_resume(tmp_path):
     assert [set(r["moments"]) for r in results] == owned
     assert results[0]["saved_state_keys"] != results[1]["saved_state_keys"]
     for r in results:
+        assert "world size 1, but this run has world size 2" in r["refusal"]
         assert r["step"] == 4
         for name, value in r["full"].items():
             assert torch.equal(value, results[0]["full"][name]), name  # all ranks hold the same model

@@ -156,13 +156,26 @@ class _Workspace:
         self.M = buf() if moments == "bf16" else None  # float32 copies of bf16 moment blocks
         self.V = buf() if moments in ("bf16", "factored") else None
         self.col = torch.empty(n, dtype=dtype, device=device) if moments == "factored" else None
+        # Random bits for stochastic rounding: drawing fresh bits for every m x n element costs more than the
+        # whole step on a CPU, so each step draws one buffer of twice a block and every use takes a block-sized
+        # window at a random offset (each element's bits stay uniform, so the rounding stays unbiased).
+        self.noise = (
+            torch.randint(0, 1 << 16, (2 * rows * n,), dtype=torch.int32, device=device) if moments == "bf16" else None
+        )
+
+    def noise_for(self, like: Tensor) -> Tensor:
+        k = like.numel()
+        offset = int(torch.randint(0, self.noise.numel() - k + 1, ()))
+        return self.noise[offset : offset + k].view(like.shape)
 
 
-def stochastic_round_to_bf16_(dst: Tensor, src: Tensor) -> None:
+def stochastic_round_to_bf16_(dst: Tensor, src: Tensor, noise: Tensor | None = None) -> None:
     """Round float32 ``src`` into bfloat16 ``dst`` stochastically: up with probability equal to the discarded
-    fraction, so the stored value is unbiased (``E[dst] = src``) and small Adam updates are not lost."""
+    fraction, so the stored value is unbiased (``E[dst] = src``) and small Adam updates are not lost.
+    ``noise``: int32 values uniform in [0, 2^16) shaped like ``src`` (drawn here when not given)."""
     bits = (src if src.dtype == torch.float32 else src.float()).view(torch.int32)
-    noise = torch.randint_like(bits, 0, 1 << 16)
+    if noise is None:
+        noise = torch.randint_like(bits, 0, 1 << 16)
     dst.copy_(bits.add(noise).bitwise_and_(-65536).view(torch.float32))
 
 
@@ -192,8 +205,8 @@ def _adam_on_equivalent_gradient(
         Mb.lerp_(G, 1.0 - beta1)
         Vb.mul_(beta2).addcmul_(G, G, value=1.0 - beta2)
         if low:
-            stochastic_round_to_bf16_(M[r0:r1], Mb)
-            stochastic_round_to_bf16_(V[r0:r1], Vb)
+            stochastic_round_to_bf16_(M[r0:r1], Mb, ws.noise_for(Mb))
+            stochastic_round_to_bf16_(V[r0:r1], Vb, ws.noise_for(Vb))
         U = torch.div(Mb, torch.sqrt(Vb, out=w).add_(eps), out=w)
         gA_out.addmm_(B[r0:r1].mT, U)
         torch.mm(U, A.mT, out=gB_out[r0:r1])
@@ -266,6 +279,11 @@ class _LoRAProOptimizer(Optimizer):
         super().__init__(groups, defaults)
         for group in self.param_groups:
             self._validate_group(group)
+
+    @property
+    def shard(self) -> tuple[int, int]:
+        """``(rank, world_size)`` of the process group the state is sharded over; ``(0, 1)`` without one."""
+        return self._rank, self._world
 
     def owns(self, pair: LoRAPair) -> bool:
         """Whether this rank keeps ``pair``'s optimizer state and computes its update (always, without a group)."""

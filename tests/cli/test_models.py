@@ -391,10 +391,13 @@ def test_bad_target_modules_are_user_errors(bert_dir, targets, match):
 
 
 def test_unknown_method_or_task_lists_the_valid_ones(bert_dir):
-    with pytest.raises(UserError, match="full, lora, rslora, lorapro, lorapro-sgd, lorapro-zero") as e:
+    with pytest.raises(UserError, match="full, lora, rslora, lorapro, lorapro-sgd, lorapro-zero, lorapro-bf16") as e:
         M.build_model(bert_dir, task="classification", num_labels=2, method="qlora")
     one_line(e)
-    assert M.METHODS == ("full", "lora", "rslora", "lorapro", "lorapro-sgd", "lorapro-zero")
+    assert M.METHODS == (
+        "full", "lora", "rslora", "lorapro", "lorapro-sgd", "lorapro-zero",
+        "lorapro-bf16", "lorapro-factored", "lorapro-efficient",
+    )
     with pytest.raises(UserError, match="classification, causal-lm"):
         M.build_model(bert_dir, task="regression", num_labels=2, method="lora")
 

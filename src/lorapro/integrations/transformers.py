@@ -102,9 +102,7 @@ def _inner_optimizer(optimizer: Any) -> Any:
 def _shard_layout(optimizer: Any) -> tuple[int, int]:
     """``(rank, world)`` over which ``optimizer``'s LoRA-Pro state is sharded; ``(0, 1)`` if it is not."""
     opt = _inner_optimizer(optimizer)
-    if not isinstance(opt, (LoRAProAdamW, LoRAProSGD)):
-        return 0, 1
-    return int(getattr(opt, "_rank", 0)), int(getattr(opt, "_world", 1))
+    return opt.shard if isinstance(opt, (LoRAProAdamW, LoRAProSGD)) else (0, 1)
 
 
 def _default_decay_parameter_names(model: nn.Module) -> list[str]:
@@ -179,6 +177,32 @@ def make_lorapro_optimizer(
             rule, everything but biases and normalization weights); see :func:`lorapro_param_groups`.
         **optimizer_kwargs: passed on to the optimizer (e.g. ``moments="bf16"`` for ``"adamw"``).
     """
+    optimizer = _build_optimizer(
+        model, args, method=method, x_mode=x_mode, shard_optimizer_state=shard_optimizer_state,
+        process_group=process_group, decay_parameter_names=decay_parameter_names, **optimizer_kwargs,
+    )
+    if _shard_layout(optimizer)[1] > 1:
+        warnings.warn(
+            "make_lorapro_optimizer: the optimizer state is sharded over the ranks, and the stock Trainer saves "
+            "optimizer.pt from rank 0 only, so its checkpoints would lose the other ranks' moments; use "
+            "LoRAProTrainer (one optimizer file per rank) or shard_optimizer_state=False",
+            UserWarning,
+            stacklevel=2,
+        )
+    return optimizer
+
+
+def _build_optimizer(
+    model: nn.Module,
+    args: transformers.TrainingArguments,
+    *,
+    method: str,
+    x_mode: str,
+    shard_optimizer_state: bool | None,
+    process_group: Any,
+    decay_parameter_names: Iterable[str] | None,
+    **optimizer_kwargs: Any,
+) -> LoRAProAdamW | LoRAProSGD:
     if method not in LORAPRO_METHODS:
         raise ValueError(f"Invalid lorapro method: {method!r} (expected one of {', '.join(LORAPRO_METHODS)})")
     group = process_group if process_group is not None else _process_group(shard_optimizer_state)
@@ -206,6 +230,8 @@ def _atomic_torch_save(obj: Any, path: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, 0o644)  # mkstemp makes 0600 files; torch.save would make 0644 ones
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -275,12 +301,13 @@ class LoRAProTrainer(transformers.Trainer):
         """Build the LoRA-Pro optimizer (once) from ``self.args``."""
         if self.optimizer is None:
             opt_model = _unwrap(self.model if model is None else model)
-            self.optimizer = make_lorapro_optimizer(
+            self.optimizer = _build_optimizer(
                 opt_model,
                 self.args,
                 method=self.lorapro_method,
                 x_mode=self.x_mode,
                 shard_optimizer_state=self.shard_optimizer_state,
+                process_group=None,
                 decay_parameter_names=self.get_decay_parameter_names(opt_model),
                 **self.lorapro_kwargs,
             )
@@ -337,7 +364,7 @@ class LoRAProTrainer(transformers.Trainer):
     def _mismatch(checkpoint: str, saved: set[int], world: int) -> str:
         sizes = " and ".join(str(w) for w in sorted(saved))
         return (
-            f"cannot resume from {checkpoint}: its LoRA-Pro optimizer state was saved by a run with {sizes} "
-            f"process(es) (world size {sizes}), but this run has world size {world}. Each rank keeps only its own "
-            "layers' moments, so resume with the same number of processes"
+            f"cannot resume from {checkpoint}: its LoRA-Pro optimizer state was saved by a run with world size "
+            f"{sizes}, but this run has world size {world}. With more than one process each rank keeps only its "
+            "own layers' moments, so resume with the same number of processes"
         )
