@@ -59,12 +59,14 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, kind: str) -> N
         dist.destroy_process_group()
 
 
-def _reference(grads: list[dict[str, torch.Tensor]], kind: str):
-    """One process, no sharding: the same start, stepped with the gradients the ranks averaged."""
+def _reference(grads: list[dict[str, torch.Tensor]], kind: str, **kw):
+    """One process, no sharding: the same start, stepped with the gradients the ranks averaged.
+    ``kw``: ``r``/``lora_alpha`` for the model, anything else for the optimizer."""
     from models import tiny_loss, tiny_peft
 
-    model = tiny_peft(dtype=torch.float64, init_lora_weights=False)
-    opt = _make(kind, model)
+    model_kw = {k: kw.pop(k) for k in ("r", "lora_alpha") if k in kw}
+    model = tiny_peft(dtype=torch.float64, init_lora_weights=False, **model_kw)
+    opt = _make(kind, model, **kw)
     for step, step_grads in enumerate(grads):
         opt.zero_grad()
         tiny_loss(model, _batch(0, step)).backward()  # the sizes and presence of every gradient ...

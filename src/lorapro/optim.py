@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.optim.adam import adam as _functional_adam
 from torch.optim.optimizer import Optimizer, _get_scalar_dtype
 
+from ._dtensor import DTensorPairs, is_dtensor
 from .functional import X_MODES, adjusted_lora_gradients, compute_dtype, lora_factors
 from .pairs import LoRAPair, find_lora_pairs, split_trainable
 
@@ -274,7 +275,17 @@ class _LoRAProOptimizer(Optimizer):
         self._pairs: list[LoRAPair] = pairs
         self._pair_by_B: dict[int, LoRAPair] = {id(p.B): p for p in pairs}
         self._pair_A_ids: set[int] = {id(p.A) for p in pairs}
-        self._group, self._rank, self._world = _normalize_process_group(process_group)
+        self._dt: DTensorPairs | None = None
+        if any(is_dtensor(t) for p in pairs for t in (p.A, p.B)):
+            self._dt = DTensorPairs(pairs)
+            self._group, self._rank, self._world = self._dt.group, self._dt.rank, self._dt.world
+            if process_group is not None and _normalize_process_group(process_group)[2] != self._world:
+                raise ValueError(
+                    "process_group: the LoRA factors are DTensors on a device mesh of "
+                    f"{self._world} ranks, and the state is sharded over that mesh; got a process group of another size"
+                )
+        else:
+            self._group, self._rank, self._world = _normalize_process_group(process_group)
         self._owner = _assign_owners(pairs, self._world)  # id(B) -> the rank that keeps the pair's state
         super().__init__(groups, defaults)
         for group in self.param_groups:
@@ -287,7 +298,12 @@ class _LoRAProOptimizer(Optimizer):
 
     def owns(self, pair: LoRAPair) -> bool:
         """Whether this rank keeps ``pair``'s optimizer state and computes its update (always, without a group)."""
-        return self._owner[id(pair.B)] == self._rank
+        return self._owner[id(self._state_key(pair.B))] == self._rank
+
+    def _state_key(self, t: Tensor) -> Tensor:
+        """The parameter whose ``self.state`` entry belongs to ``t`` (``t`` itself, or the DTensor a full-size
+        shadow stands for)."""
+        return self._dt.real_of.get(id(t), t) if self._dt is not None else t
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         _check_nonneg("learning rate", group["lr"])
@@ -316,13 +332,22 @@ class _LoRAProOptimizer(Optimizer):
         return pairs, others
 
     def _grads_finite(self) -> bool:
-        flags = [
-            torch.isfinite(p.grad).all()
+        grads = [
+            p.grad.to_local() if is_dtensor(p.grad) else p.grad
             for group in self.param_groups
             for p in group["params"]
             if p.grad is not None and not p.grad.is_sparse
         ]
-        return not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+        flags = [torch.isfinite(g).all() for g in grads if g.numel()]
+        ok = not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+        if self._dt is not None:  # each rank sees only its shards: agree on skipping
+            import torch.distributed as dist
+
+            device = grads[0].device if grads else torch.device("cpu")
+            flag = torch.tensor([int(ok)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._group)
+            ok = bool(flag.item())
+        return ok
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -345,6 +370,8 @@ class _LoRAProOptimizer(Optimizer):
         stepped: list[LoRAPair] = []
         for group in self.param_groups:
             pairs, others = self._split_group(group)
+            if self._dt is not None:
+                pairs = self._dt.gather(pairs)  # full-size shadows, in the same order on every rank
             stepped += pairs
             for bucket in _bucket_pairs(p for p in pairs if self.owns(p)):
                 self._step_pairs(group, bucket)
@@ -352,7 +379,16 @@ class _LoRAProOptimizer(Optimizer):
                 self._step_others(group, others)
         if self._world > 1:
             self._sync_pairs(stepped)
+        for pair in self._pairs:
+            # An entry (empty where this rank keeps nothing) for every factor: a state dict then names every
+            # trainable parameter, as torch.distributed.checkpoint's strict loading expects.
+            self.state[pair.A], self.state[pair.B]  # noqa: B018 (creates the defaultdict entries)
+        if self._dt is not None:
+            self._dt.scatter_back([self._real_pair(s) for s in stepped])
         return loss
+
+    def _real_pair(self, shadow: LoRAPair) -> LoRAPair:
+        return self._pair_by_B[id(self._state_key(shadow.B))]
 
     def _sync_pairs(self, pairs: list[LoRAPair]) -> None:
         """Give every rank the new A and B of every pair: owners contribute their values, others zeros, and
@@ -536,7 +572,7 @@ class LoRAProAdamW(_LoRAProOptimizer):
         self._check_moments(group["moments"])
 
     def _pair_state(self, pair: LoRAPair, dtype: torch.dtype, moments: str) -> dict[str, Any]:
-        state = self.state[pair.B]
+        state = self.state[self._state_key(pair.B)]
         if not state:
             m, n = pair.shape
             device = pair.B.device
@@ -603,7 +639,7 @@ class LoRAProAdamW(_LoRAProOptimizer):
         beta1, beta2 = group["betas"]
         exp_avgs, exp_avg_sqs, steps, work, grads = [], [], [], [], []
         for p, g in zip(params, gradients):
-            state = self.state[p]
+            state = self.state[self._state_key(p)]
             wide = compute_dtype(p.dtype)
             if not state:
                 state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())

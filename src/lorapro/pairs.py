@@ -97,7 +97,7 @@ class LoRAPair:
     @property
     def shape(self) -> tuple[int, int]:
         """``(m, n)`` of the adapted weight's matrix view."""
-        return self.B.shape[0], self.A[0].numel()
+        return self.B.shape[0], math.prod(self.A.shape[1:])
 
     def A_matrix(self, t: Tensor | None = None) -> Tensor:
         """``A`` (or a tensor shaped like it, e.g. its gradient) as an ``r x n`` matrix view."""
