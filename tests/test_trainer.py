@@ -363,3 +363,30 @@ def test_two_processes_sharded_state_checkpoint_and_resume(tmp_path):
     trainer = LoRAProTrainer(model=tiny_bert_lora(), args=training_args(tmp_path / "single"), train_dataset=RandomTokens())
     with pytest.raises(ValueError, match=r"world size 2.*world size 1"):
         trainer.train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_diagnostics_callback(tmp_path):
+    import json
+
+    from lorapro.integrations.transformers import LoRAProDiagnosticsCallback
+
+    def run(out, callbacks):
+        model = tiny_bert_lora()
+        args = training_args(out, max_steps=4, gradient_accumulation_steps=2, save_strategy="no")
+        LoRAProTrainer(model=model, args=args, train_dataset=RandomTokens(), callbacks=callbacks).train()
+        return model
+
+    cb = LoRAProDiagnosticsCallback(every=2, label="lorapro")
+    model = run(tmp_path / "diag", [cb])
+    plain = run(tmp_path / "plain", [])
+    for (n, p), (_, q) in zip(model.named_parameters(), plain.named_parameters()):
+        assert torch.equal(p, q), n  # measuring changes nothing in the run
+        assert p.requires_grad == q.requires_grad and p.grad is None, n
+    saved = json.loads((tmp_path / "diag" / "diagnostics.json").read_text())
+    records = saved["records"]
+    assert sorted({r["step"] for r in records}) == [0, 2]
+    assert len(records) == 2 * 4  # 2 measured steps x (2 layers x query, value)
+    assert {r["type"] for r in records} == {"attention.self.query", "attention.self.value"}
+    assert all(r["lorapro_distance"] <= r["lora_distance"] * (1 + 1e-6) for r in records)
+    assert all(r["grad_norm"] > 0 for r in records)
+    assert (tmp_path / "diag" / "diagnostics.png").stat().st_size > 10_000

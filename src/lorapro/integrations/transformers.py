@@ -54,6 +54,7 @@ from ..pairs import find_lora_pairs
 
 __all__ = [
     "LORAPRO_METHODS",
+    "LoRAProDiagnosticsCallback",
     "LoRAProTrainer",
     "lorapro_param_groups",
     "make_lorapro_optimizer",
@@ -368,3 +369,52 @@ class LoRAProTrainer(transformers.Trainer):
             f"{sizes}, but this run has world size {world}. With more than one process each rank keeps only its "
             "own layers' moments, so resume with the same number of processes"
         )
+
+
+class LoRAProDiagnosticsCallback(transformers.TrainerCallback):
+    """The paper's diagnostics (:mod:`lorapro.diagnostics`) for a ``Trainer`` run, with any optimizer.
+
+    Every ``every`` optimizer steps (from step 0) it records, per LoRA layer, ``||G - g||_F`` for LoRA's and
+    LoRA-Pro's equivalent gradients, ``||g||_F`` and the numerical ranks of ``A`` and ``B``; the layers' full
+    gradients exist one at a time during the measured step's backward passes (all its gradient-accumulation
+    micro-batches). At the end of training the world-process-zero writes ``diagnostics.json`` and
+    ``diagnostics.png`` to ``output_dir`` (default: ``args.output_dir``). Under DDP each rank measures the
+    gradient of its own micro-batches (before averaging); rank 0's are written. ``self.diagnostics.records``
+    holds the records.
+
+        trainer = Trainer(..., callbacks=[LoRAProDiagnosticsCallback(every=10)])
+    """
+
+    def __init__(self, every: int = 10, output_dir: str | None = None, label: str = "run") -> None:
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.every, self.output_dir, self.label = every, output_dir, label
+        self.diagnostics: Any = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from ..diagnostics import GradientDiagnostics
+
+        self.diagnostics = GradientDiagnostics(_unwrap(model), every=self.every)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.diagnostics is not None and self.diagnostics.due(state.global_step):
+            self.diagnostics.arm(state.global_step, micro_batches=args.gradient_accumulation_steps)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.diagnostics is not None and self.diagnostics.armed:
+            self.diagnostics.disarm()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.diagnostics is None or not state.is_world_process_zero or not self.diagnostics.records:
+            return
+        import json
+
+        from ..diagnostics import plot_diagnostics
+
+        out = self.output_dir or args.output_dir
+        os.makedirs(out, exist_ok=True)
+        path = os.path.join(out, "diagnostics.json")
+        with tempfile.NamedTemporaryFile("w", dir=out, delete=False, suffix=".tmp") as f:
+            json.dump({"label": self.label, "every": self.every, "records": self.diagnostics.records}, f)
+        os.replace(f.name, path)
+        plot_diagnostics({self.label: self.diagnostics.records}, os.path.join(out, "diagnostics.png"))
