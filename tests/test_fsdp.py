@@ -18,7 +18,11 @@ import torch.multiprocessing as mp
 from test_distributed import STEPS, _batch, _make, _reference
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str, kind: str, moments: str) -> None:
+CONFIGS = [("adamw", "full"), ("sgd", None), ("adamw", "efficient")]
+WORLD = 3  # r = 2 < 3: the last rank holds empty shards of every A
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     sys.path.insert(0, os.path.dirname(__file__))
     from models import tiny_loss, tiny_peft
     from torch.distributed.device_mesh import init_device_mesh
@@ -27,38 +31,44 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, kind: str, mome
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        model = tiny_peft(dtype=torch.float64, init_lora_weights=False, r=2, lora_alpha=3)
         mesh = init_device_mesh("cpu", (world,))
-        fully_shard(model, mesh=mesh)
-        kw = {"moments": moments} if kind == "adamw" else {}
-        opt = _make(kind, model, **kw)
-        grads = []
-        for step in range(STEPS):
-            opt.zero_grad()
-            tiny_loss(model, _batch(rank, step)).backward()
-            grads.append({n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None})
-            opt.step()
-        shards = {n: p.to_local().detach().clone() for n, p in model.named_parameters()}
-        full = {n: p.full_tensor().detach() for n, p in model.named_parameters()}
-        owned = [p.name for p in opt.pairs if opt.owns(p)]
-        with_moments = [p.name for p in opt.pairs if "exp_avg" in opt.state[p.B]]
-        torch.save(
-            {"params": full, "shards": shards, "owned": owned, "moments": with_moments, "grads": grads,
-             "shard": opt.shard},
-            os.path.join(out_dir, f"rank{rank}.pt"),
-        )
+        for kind, moments in CONFIGS:
+            model = tiny_peft(dtype=torch.float64, init_lora_weights=False, r=2, lora_alpha=3)
+            fully_shard(model, mesh=mesh)
+            kw = {"moments": moments} if kind == "adamw" else {}
+            opt = _make(kind, model, **kw)
+            grads = []
+            for step in range(STEPS):
+                opt.zero_grad()
+                tiny_loss(model, _batch(rank, step)).backward()
+                grads.append({n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None})
+                opt.step()
+            shards = {n: p.to_local().detach().clone() for n, p in model.named_parameters()}
+            full = {n: p.full_tensor().detach() for n, p in model.named_parameters()}
+            owned = [p.name for p in opt.pairs if opt.owns(p)]
+            with_moments = [p.name for p in opt.pairs if "exp_avg" in opt.state[p.B]]
+            torch.save(
+                {"params": full, "shards": shards, "owned": owned, "moments": with_moments, "grads": grads,
+                 "shard": opt.shard},
+                os.path.join(out_dir, f"{kind}-{moments}-rank{rank}.pt"),
+            )
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world, kind, moments", [(3, "adamw", "full"), (2, "sgd", None), (2, "adamw", "efficient")])
-def test_fsdp2_run_equals_single_process(tmp_path, world, kind, moments):
-    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path), kind, moments), nprocs=world, join=True)
-    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fsdp")
+    mp.spawn(_worker, args=(WORLD, str(d / "init"), str(d)), nprocs=WORLD, join=True)
+    return d
+
+
+@pytest.mark.parametrize("kind, moments", CONFIGS)
+def test_fsdp2_run_equals_single_process(fsdp_runs, kind, moments):
+    world = WORLD
+    results = [torch.load(fsdp_runs / f"{kind}-{moments}-rank{r}.pt", weights_only=True) for r in range(world)]
     assert [res["shard"] for res in results] == [(r, world) for r in range(world)]
-    # r = 2 < world = 3: some ranks hold empty shards of A
-    if world == 3:
-        assert any(s.numel() == 0 for n, s in results[2]["shards"].items() if "lora_A" in n)
+    assert any(s.numel() == 0 for n, s in results[2]["shards"].items() if "lora_A" in n)  # empty shards
     kw = {"moments": moments} if kind == "adamw" else {}
     expected, ref_opt = _reference(results[0]["grads"], kind, r=2, lora_alpha=3, **kw)
     for name, value in expected.items():
