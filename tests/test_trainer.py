@@ -333,7 +333,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             refusal = str(e)
         torch.save(
             {"refusal": refusal, "owned": owned, "moments": with_moments, "full": full, "resumed": trainable(resumed_model),
-             "step": resumed.state.global_step, "saved_state_keys": sorted(saved["state"])},
+             "step": resumed.state.global_step, "saved_state_keys": sorted(k for k, v in saved["state"].items() if v)},
             os.path.join(out_dir, f"result{rank}.pt"),
         )
     finally:
