@@ -22,6 +22,10 @@ def _csv_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+_PEFT_HELP = ("loraplus, lorafa, riemannian, loraga: PEFT's LoRA+ (lr of B x16), LoRA-FA (A frozen), "
+              "Riemannian-preconditioned AdamW, LoRA-GA initialisation")
+
+
 def _add_train_args(p: argparse.ArgumentParser, *, compare: bool) -> None:
     from .trainer import TrainConfig
 
@@ -38,9 +42,10 @@ def _add_train_args(p: argparse.ArgumentParser, *, compare: bool) -> None:
     g = p.add_argument_group("method")
     if compare:
         g.add_argument("--methods", type=_csv_list, default=["full", "lora", "lorapro"],
-                       help=f"comma-separated, from {', '.join(METHODS)} (default full,lora,lorapro)")
+                       help=f"comma-separated, from {', '.join(METHODS)} (default full,lora,lorapro); {_PEFT_HELP}")
     else:
-        g.add_argument("--method", default=d.method, help=f"one of {', '.join(METHODS)} (default {d.method})")
+        g.add_argument("--method", default=d.method,
+                       help=f"one of {', '.join(METHODS)} (default {d.method}); {_PEFT_HELP}")
     g.add_argument("--rank", type=int, default=d.rank)
     g.add_argument("--alpha", type=float, default=d.alpha)
     g.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(r) instead of alpha/r")
@@ -51,13 +56,20 @@ def _add_train_args(p: argparse.ArgumentParser, *, compare: bool) -> None:
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: --epochs 1)")
     g.add_argument("--epochs", type=float, default=None)
-    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="examples per micro-batch (default %(default)s); under torchrun the global batch, split "
+                        "evenly over the processes (must be divisible by their number)")
     g.add_argument("--grad-accum", type=int, default=d.grad_accum)
     g.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
     g.add_argument("--schedule", default=d.schedule, help="cosine (default), linear or constant")
     g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="0 disables clipping")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: at the end)")
+    g.add_argument(
+        "--diagnostics", type=int, default=None, metavar="N",
+        help="every N steps record ||G - g|| of LoRA's and LoRA-Pro's equivalent gradients per layer and the ranks "
+        "of A and B (the paper's Figures 4 and 2): diagnostics.json and diagnostics.png in --out",
+    )
     g.add_argument("--save-every", type=int, default=None, help="steps between checkpoints (default: each eval)")
     g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
     g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="generation length for causal-lm eval")
@@ -142,6 +154,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "compare":
         from .compare import compare, format_table
 
+        if int(os.environ.get("WORLD_SIZE") or 1) > 1:
+            raise UserError("compare runs each method in its own process; under torchrun use `lorapro train` per method")
         for m in args.methods:
             _check_method(m)
         for key, value in DEMO_DEFAULTS.items():

@@ -3,11 +3,17 @@
 Everything that decides the result is a function of the config and the step number: the data order of
 epoch ``e`` is a permutation seeded by ``(seed, e)``, the torch RNG (dropout) is saved in every checkpoint,
 so ``--resume`` reproduces an uninterrupted run's parameters and metrics.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the same loop runs as plain DDP: ``batch_size`` stays the global batch,
+split evenly over the ranks, the LoRA-Pro optimizer state is sharded over ``torch.distributed.group.WORLD``, each
+rank checkpoints its own optimizer shard and RNG, and only rank 0 writes outputs (see :class:`Ranks`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import resource
 import sys
 import time
@@ -19,7 +25,6 @@ import torch
 
 from .errors import UserError
 from .io import atomic_torch_save, atomic_write_json
-
 
 
 @dataclass
@@ -52,6 +57,7 @@ class TrainConfig:
     max_new_tokens: int = 16
     device: str | None = None
     out: str = "runs/train"
+    diagnostics: int | None = None  # record the paper's diagnostics every this many steps
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -74,6 +80,7 @@ class TrainConfig:
         positive("max_steps", self.max_steps, allow_none=True)
         positive("epochs", self.epochs, allow_none=True)
         positive("eval_every", self.eval_every, allow_none=True)
+        positive("diagnostics", self.diagnostics, allow_none=True)
         positive("save_every", self.save_every, allow_none=True)
         if self.weight_decay < 0:
             raise UserError(f"--weight-decay must be >= 0, got {self.weight_decay}")
@@ -102,19 +109,30 @@ def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
     return f
 
 
-def make_optimizer(method: str, model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The optimizer each method uses; every method gets the same lr and schedule (the paper's protocol)."""
+def make_optimizer(
+    method: str, model: torch.nn.Module, cfg: TrainConfig, process_group: Any = None
+) -> torch.optim.Optimizer:
+    """The optimizer each method uses; every method gets the same lr and schedule (the paper's protocol).
+
+    ``process_group``: the LoRA-Pro optimizers shard their per-layer state over it (the full / LoRA baselines
+    use plain AdamW, replicated on every rank).
+    """
     import lorapro
 
+    from . import peft_methods
+
+    if method in peft_methods.PEFT_OPTIMIZER_METHODS:  # LoRA+, LoRA-FA, Riemannian: PEFT's optimizers
+        return peft_methods.make_optimizer(method, model, cfg, process_group=process_group)
+    pg = {"process_group": process_group}
     if method == "lorapro":
-        return lorapro.LoRAProAdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return lorapro.LoRAProAdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay, **pg)
     if method == "lorapro-zero":
-        return lorapro.LoRAProAdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay, x_mode="zero")
+        return lorapro.LoRAProAdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay, x_mode="zero", **pg)
     if method in ("lorapro-bf16", "lorapro-factored", "lorapro-efficient"):
         moments = method.split("-", 1)[1]
-        return lorapro.LoRAProAdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay, moments=moments)
+        return lorapro.LoRAProAdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay, moments=moments, **pg)
     if method == "lorapro-sgd":
-        return lorapro.LoRAProSGD(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return lorapro.LoRAProSGD(model, lr=cfg.lr, weight_decay=cfg.weight_decay, **pg)
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -140,6 +158,112 @@ def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+@dataclass
+class Ranks:
+    """This process's place in a ``torchrun`` launch (``world == 1``: a single process, no process group).
+
+    Batch semantics: ``batch_size`` is the global micro-batch; rank ``r`` of ``W`` trains on the ``r``-th of
+    ``W`` contiguous equal slices of it, and DDP averages the gradients, so a step sees the same examples and
+    (up to float rounding) the same gradient as a single process with the same ``batch_size``.
+    """
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    owns_group: bool = False  # we initialised the default process group, so we destroy it
+
+    @classmethod
+    def launch(cls, cfg: TrainConfig, device: torch.device) -> Ranks:
+        """Join the ``torchrun`` launch described by the environment (or an already initialised default group)."""
+        import torch.distributed as dist
+
+        initialised = dist.is_available() and dist.is_initialized()
+        world = dist.get_world_size() if initialised else int(os.environ.get("WORLD_SIZE") or 1)
+        if world <= 1:
+            return cls(device=device)
+        if not dist.is_available():
+            raise UserError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+        if cfg.batch_size % world:
+            raise UserError(
+                f"--batch-size {cfg.batch_size} is the global batch, split over {world} processes: "
+                f"it must be divisible by {world}"
+            )
+        if device.type == "cuda":
+            local = int(os.environ.get("LOCAL_RANK") or 0)
+            if local >= torch.cuda.device_count():
+                raise UserError(f"LOCAL_RANK {local}: this machine has only {torch.cuda.device_count()} CUDA devices")
+            device = torch.device("cuda", local)
+            torch.cuda.set_device(device)
+        if not initialised:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return cls(rank=dist.get_rank(), world=dist.get_world_size(), device=device, owns_group=not initialised)
+
+    @property
+    def group(self) -> Any:
+        import torch.distributed as dist
+
+        return dist.group.WORLD if self.world > 1 else None
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self.owns_group = False
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier(device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks of ``values`` (float64 or int64, any device), as a new tensor on the CPU."""
+        t = values.to(self.device, copy=True)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(t)
+        return t.cpu()
+
+    def gather(self, values: list[float]) -> list[list[float]]:
+        """Every rank's ``values`` (same length on each rank), indexed by rank; exact (x + 0 sums)."""
+        t = torch.zeros(self.world, len(values), dtype=torch.float64)
+        t[self.rank] = torch.tensor(values, dtype=torch.float64)
+        return self.sum(t).tolist()
+
+    def share(self, rows: list) -> list:
+        """This rank's contiguous slice of a global micro-batch (its length is divisible by ``world``)."""
+        k = len(rows) // self.world
+        return rows[self.rank * k : (self.rank + 1) * k]
+
+    def accumulating(self, net: torch.nn.Module, last: bool):
+        """DDP's ``no_sync`` for every micro-batch but the last of a step (one gradient all-reduce per step)."""
+        return net.no_sync() if self.world > 1 and not last else contextlib.nullcontext()
+
+    def loss(self, net: torch.nn.Module, inputs: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+        """The micro-batch loss of this rank, weighted so that DDP's average over ranks is the global batch's loss.
+
+        Classification: each rank has the same number of examples, so the mean of the per-rank means is the
+        global mean. Causal LM: the model's loss is a mean over this rank's completion tokens; scaled by
+        ``world * n_rank / n_global`` the DDP average is the mean over all the batch's completion tokens, as in
+        a single process.
+        """
+        out = net(**inputs)
+        if self.world == 1 or task == "classification":
+            return out.loss
+        n = int((inputs["labels"][:, 1:] != -100).sum())  # the tokens the shifted causal LM loss counts
+        total = int(self.sum(torch.tensor([n], dtype=torch.int64)).item())
+        if n == 0:  # no loss tokens here (mean of nothing is NaN); a zero that still reaches every parameter
+            return out.logits.sum() * 0.0
+        return out.loss * (self.world * n / total)
+
+
+def _shard_file(out: Path, step: int, rank: int, world: int) -> Path:
+    """One rank's part of the checkpoint of step ``step``: its optimizer shard and RNG."""
+    return out / "checkpoint-ranks" / f"step{step}.rank{rank}-of-{world}.pt"
 
 
 class Batches:
@@ -197,29 +321,44 @@ class Batches:
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, data, cfg: TrainConfig, progress: bool = False) -> dict[str, float]:
-    """``eval_accuracy`` (classification) or ``eval_exact_match`` (causal LM), and ``eval_loss``."""
+def evaluate(
+    model, tokenizer, data, cfg: TrainConfig, progress: bool = False, ranks: Ranks | None = None
+) -> dict[str, float]:
+    """``eval_accuracy`` (classification) or ``eval_exact_match`` (causal LM), and ``eval_loss``.
+
+    With ``ranks`` (``world`` > 1) the eval batches are dealt round-robin over the ranks; each batch is the
+    same as in one process, and the per-batch results are summed in batch order, so every rank gets exactly
+    the single-process numbers.
+    """
     was_training = model.training
     model.eval()
     batches = Batches(data, tokenizer, cfg, next(model.parameters()).device)
     rows = data.eval
-    total_loss, total_n, correct = 0.0, 0, 0.0
+    rank, world = (ranks.rank, ranks.world) if ranks is not None else (0, 1)
     bs = cfg.eval_batch_size
-    iterator = range(0, len(rows), bs)
+    starts = range(0, len(rows), bs)
+    iterator = starts[rank::world]
     if progress:
         from tqdm import tqdm
 
         iterator = tqdm(iterator, desc="eval", leave=False, file=sys.stderr, unit="batch")
+    per_batch = torch.zeros(len(starts), 3, dtype=torch.float64)  # loss, examples, correct
     for i in iterator:
         chunk = rows[i : i + bs]
         inputs = batches(chunk)
         out = model(**inputs)
-        total_loss += out.loss.item() * len(chunk)
-        total_n += len(chunk)
         if data.task == "classification":
-            correct += (out.logits.argmax(-1) == inputs["labels"]).sum().item()
+            right = (out.logits.argmax(-1) == inputs["labels"]).sum().item()
         else:
-            correct += sum(data.scorer(text, r) for text, r in zip(generate(model, tokenizer, batches, chunk, cfg), chunk))
+            right = sum(data.scorer(text, r) for text, r in zip(generate(model, tokenizer, batches, chunk, cfg), chunk))
+        per_batch[i // bs] = torch.tensor([out.loss.item(), len(chunk), right], dtype=torch.float64)
+    if world > 1:
+        per_batch = ranks.sum(per_batch)  # each row is non-zero on one rank only: x + 0 is exact
+    total_loss, total_n, correct = 0.0, 0, 0.0
+    for loss, n, right in per_batch.tolist():
+        total_loss += loss * int(n)
+        total_n += int(n)
+        correct += right
     model.train(was_training)
     key = "eval_accuracy" if data.task == "classification" else "eval_exact_match"
     return {key: correct / max(1, total_n), "eval_loss": total_loss / max(1, total_n)}
@@ -249,6 +388,7 @@ class RunState:
     evals: list[dict[str, float]] = field(default_factory=list)
     elapsed: float = 0.0
     opt_step_seconds: float = 0.0
+    diagnostics: list[dict[str, Any]] = field(default_factory=list)  # lorapro.diagnostics records
 
 
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -257,7 +397,7 @@ def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _same_run(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     mine = asdict(cfg)
-    ignore = {"out", "eval_every", "save_every"}
+    ignore = {"out", "eval_every", "save_every", "diagnostics"}
     return sorted(k for k in mine if k not in ignore and saved.get(k) != mine[k])
 
 
@@ -268,12 +408,84 @@ def train(
 
     All input is validated before anything is written to ``cfg.out``. With ``stop_after``, training stops
     after that many steps in total, leaving a checkpoint for ``resume`` (and returns ``None``).
-    """
-    from . import data as data_mod
-    from . import models as models_mod
 
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) this joins the launch (gloo on CPU, nccl on CUDA with
+    ``cuda:LOCAL_RANK``), trains with DDP and a sharded LoRA-Pro optimizer, and destroys the process group it
+    created when it returns or raises. Only rank 0 logs and writes outputs and returns the metrics; the other
+    ranks return ``None``.
+    """
     cfg.validate()
     device = resolve_device(cfg.device)
+    ranks = Ranks.launch(cfg, device)
+    try:
+        return _train(cfg, ranks, resume=resume, stop_after=stop_after, progress=progress, log=log)
+    finally:
+        ranks.close()
+
+
+def _load_rank_file(out: Path, saved: dict[str, Any], ranks: Ranks) -> dict[str, Any] | None:
+    """Check that the checkpoint was written by as many processes as this run has; load this rank's part."""
+    saved_world = int(saved.get("world_size", 1))
+    if saved_world != ranks.world:
+        how = "without torchrun" if saved_world == 1 else f"under torchrun with {saved_world} processes"
+        raise UserError(
+            f"--resume: the checkpoint in {out} was written by {saved_world} process(es) and this run has "
+            f"{ranks.world}; each process keeps only its own share of the optimizer state, so resume {how}"
+        )
+    if ranks.world == 1:
+        return None
+    step = saved["run"]["step"]
+    missing = [f.name for r in range(ranks.world) if not (f := _shard_file(out, step, r, ranks.world)).is_file()]
+    if missing:
+        raise UserError(f"--resume: the checkpoint in {out} is incomplete: {', '.join(missing)} missing")
+    mine = torch.load(_shard_file(out, step, ranks.rank, ranks.world), weights_only=True)
+    if mine["step"] != step:
+        raise UserError(f"--resume: {_shard_file(out, step, ranks.rank, ranks.world)} is not from step {step}")
+    return mine
+
+
+def _save_checkpoint(out: Path, ranks: Ranks, sharded: bool, common: dict[str, Any], opt, step: int) -> None:
+    """Write the checkpoint of ``step``: ``checkpoint.pt`` (rank 0) and, with several ranks, one file per rank.
+
+    With several ranks, every rank first writes its own file (its optimizer shard if the optimizer is sharded,
+    and its RNG state) under a step-numbered name; ``checkpoint.pt``, which names the step, is replaced only
+    after all of them exist, and older rank files are deleted only after that. An interruption at any point
+    leaves a ``checkpoint.pt`` whose rank files are complete.
+    """
+    if ranks.world > 1:
+        part: dict[str, Any] = {"step": step, "rank": ranks.rank, "world_size": ranks.world,
+                                "rng": torch.get_rng_state(), "optimizer": opt.state_dict() if sharded else None}
+        if ranks.device.type == "cuda":
+            part["cuda_rng"] = torch.cuda.get_rng_state(ranks.device)
+        atomic_torch_save(_shard_file(out, step, ranks.rank, ranks.world), part)
+        ranks.barrier()
+    if ranks.rank == 0:
+        atomic_torch_save(
+            out / "checkpoint.pt",
+            {**common, "optimizer": None if sharded else opt.state_dict(), "world_size": ranks.world},
+        )
+    ranks.barrier()
+    shard_dir = out / "checkpoint-ranks"
+    if ranks.rank == 0 and shard_dir.is_dir():  # rank files of earlier steps (or of runs with another world size)
+        keep = {_shard_file(out, step, r, ranks.world).name for r in range(ranks.world)} if ranks.world > 1 else set()
+        for f in shard_dir.iterdir():
+            if f.name not in keep:
+                f.unlink(missing_ok=True)
+        if not keep:
+            shard_dir.rmdir()
+
+
+def _train(
+    cfg: TrainConfig, ranks: Ranks, *, resume: bool, stop_after: int | None, progress: bool, log
+) -> dict[str, Any] | None:
+    from . import data as data_mod
+    from . import models as models_mod
+    from . import peft_methods
+
+    device = ranks.device
+    main_rank = ranks.rank == 0
+    if not main_rank:
+        progress, log = False, (lambda *a, **k: None)
     out = Path(cfg.out)
     ckpt_path = out / "checkpoint.pt"
     if resume and not ckpt_path.is_file():
@@ -282,12 +494,13 @@ def train(
     cfg.task = data.task
     if not data.eval:
         raise UserError(f"no evaluation data for {cfg.train}: pass --eval FILE")
-    saved = None
+    saved = rank_saved = None
     if resume:
         saved = torch.load(ckpt_path, weights_only=True)
         diff = _same_run(saved["config"], cfg)
         if diff:
             raise UserError(f"--resume: the checkpoint in {out} was made with a different config ({', '.join(diff)})")
+        rank_saved = _load_rank_file(out, saved, ranks)
     torch.manual_seed(cfg.seed)
     id2label = dict(enumerate(data.labels)) if data.labels else None
     model_path = models_mod.resolve_model(cfg.model)
@@ -302,9 +515,14 @@ def train(
         target_modules=cfg.target_modules,
         seed=cfg.seed,
         id2label=id2label,
+        init_batches=peft_methods.init_batches(cfg, data, device),  # LoRA-GA's gradient estimate (else None)
     )
     model.to(device)
-    opt = make_optimizer(cfg.method, model, cfg)
+    opt = make_optimizer(cfg.method, model, cfg, process_group=ranks.group)
+    sharded = getattr(opt, "shard", (0, 1))[1] > 1  # LoRA-Pro state split over the ranks (AdamW is replicated)
+    diag = _diagnostics(cfg, model, ranks.world)
+    if ranks.rank > 0:  # its own dropout stream; rank 0 keeps the single-process one
+        torch.manual_seed(cfg.seed + 1_000_003 * ranks.rank)
 
     examples_per_step = cfg.batch_size * cfg.grad_accum
     steps_per_epoch = max(1, len(data.train) // examples_per_step)
@@ -319,15 +537,23 @@ def train(
         with torch.no_grad():
             for name, value in saved["trainable"].items():
                 current[name].copy_(value)
-        opt.load_state_dict(saved["optimizer"])
+        opt.load_state_dict(rank_saved["optimizer"] if sharded else saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["rng"])
+        torch.set_rng_state(rank_saved["rng"] if rank_saved is not None else saved["rng"])
+        if rank_saved is not None and "cuda_rng" in rank_saved and device.type == "cuda":
+            torch.cuda.set_rng_state(rank_saved["cuda_rng"], device)
         state = RunState(**saved["run"])
         log(f"resuming {cfg.method} from step {state.step} of {total}")
-    out.mkdir(parents=True, exist_ok=True)
+    if main_rank:
+        out.mkdir(parents=True, exist_ok=True)
 
+    net: torch.nn.Module = model
+    if ranks.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     batches = Batches(data, tokenizer, cfg, device)
-    model.train()
+    net.train()
     bar = None
     if progress:
         from tqdm import tqdm
@@ -349,11 +575,19 @@ def train(
         rows = [data.train[int(order[i])] for i in idx]
         opt.zero_grad(set_to_none=True)
         loss_sum = 0.0
-        for micro in range(cfg.grad_accum):
-            part = rows[micro * cfg.batch_size : (micro + 1) * cfg.batch_size]
-            loss = model(**batches(part)).loss / cfg.grad_accum
-            loss.backward()
-            loss_sum += loss.item()
+        measuring = diag.watch(state.step, cfg.grad_accum) if diag is not None else contextlib.nullcontext()
+        with measuring:
+            for micro in range(cfg.grad_accum):
+                part = rows[micro * cfg.batch_size : (micro + 1) * cfg.batch_size]
+                with ranks.accumulating(net, last=micro == cfg.grad_accum - 1):
+                    loss = ranks.loss(net, batches(ranks.share(part)), data.task) / cfg.grad_accum
+                    loss.backward()
+                loss_sum += loss.item()
+        if diag is not None:
+            state.diagnostics += diag.records
+            diag.records.clear()
+        if ranks.world > 1:  # the global batch's loss: the mean of the (weighted) per-rank losses
+            loss_sum = ranks.sum(torch.tensor([loss_sum], dtype=torch.float64)).item() / ranks.world
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
         t0 = time.perf_counter()
@@ -366,29 +600,29 @@ def train(
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.4f}")
         if state.step % eval_every == 0 or state.step == total:
-            metrics = evaluate(model, tokenizer, data, cfg, progress=progress)
+            metrics = evaluate(model, tokenizer, data, cfg, progress=progress, ranks=ranks)
             state.evals.append({"step": state.step, **metrics})
             if bar is not None:
                 bar.write(f"[{cfg.method}] step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if state.step % save_every == 0 or state.step in (total, stop_after):
             state.elapsed = time.perf_counter() - start
-            atomic_torch_save(
-                ckpt_path,
-                {
-                    "config": asdict(cfg),
-                    "trainable": _trainable_state(model),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "rng": torch.get_rng_state(),
-                    "run": asdict(state),
-                },
-            )
+            common = {  # what checkpoint.pt holds besides the optimizer; only rank 0 writes it
+                "config": asdict(cfg),
+                "trainable": _trainable_state(model),
+                "scheduler": sched.state_dict(),
+                "rng": torch.get_rng_state(),
+                "run": asdict(state),
+            } if main_rank else {}
+            _save_checkpoint(out, ranks, sharded, common, opt, state.step)
     if bar is not None:
         bar.close()
     if state.step < total:
         log(f"stopped after step {state.step} of {total}; continue with --resume")
         return None
     wall = time.perf_counter() - start
+    per_rank = ranks.gather([optimizer_state_bytes(opt) / 2**20, peak_memory_mib(device)])
+    if not main_rank:
+        return None
     models_mod.save_trained(model, tokenizer, out / ("model" if cfg.method == "full" else "adapter"), cfg.method)
     final = state.evals[-1]
     metric_key = "eval_accuracy" if data.task == "classification" else "eval_exact_match"
@@ -413,9 +647,35 @@ def train(
         "target_modules": info.get("target_modules"),
         "torch_threads": torch.get_num_threads(),
         "resumed": saved is not None,
+        "world_size": ranks.world,
     }
+    if ranks.world > 1:  # rank 0's numbers above; every rank's here (the optimizer state is sharded)
+        result["optimizer_state_mib_per_rank"] = [r[0] for r in per_rank]
+        result["peak_memory_mib_per_rank"] = [r[1] for r in per_rank]
+    if state.diagnostics:
+        from ..diagnostics import plot_diagnostics
+
+        atomic_write_json(out / "diagnostics.json", {"method": cfg.method, "every": cfg.diagnostics,
+                                                      "records": state.diagnostics})
+        plot_diagnostics({cfg.method: state.diagnostics}, str(out / "diagnostics.png"))
     atomic_write_json(out / "metrics.json", result)
     return result
+
+
+def _diagnostics(cfg: TrainConfig, model: torch.nn.Module, world: int):
+    """``--diagnostics N``: a :class:`lorapro.diagnostics.GradientDiagnostics` measuring every N steps."""
+    if cfg.diagnostics is None:
+        return None
+    if world > 1:
+        raise UserError("--diagnostics runs in a single process (not under torchrun)")
+    from ..diagnostics import GradientDiagnostics
+
+    try:
+        return GradientDiagnostics(model, every=cfg.diagnostics)
+    except ValueError as e:
+        raise UserError(
+            f"--diagnostics needs LoRA layers whose A and B both train; method {cfg.method!r} has none ({e})"
+        ) from None
 
 
 def _tail_mean(curve: list[list[float]], k: int = 20) -> float:
