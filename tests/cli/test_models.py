@@ -396,7 +396,7 @@ def test_unknown_method_or_task_lists_the_valid_ones(bert_dir):
     one_line(e)
     assert M.METHODS == (
         "full", "lora", "rslora", "lorapro", "lorapro-sgd", "lorapro-zero",
-        "lorapro-bf16", "lorapro-factored", "lorapro-efficient",
+        "lorapro-bf16", "lorapro-factored", "lorapro-efficient", "loraplus", "lorafa", "riemannian", "loraga",
     )
     with pytest.raises(UserError, match="classification, causal-lm"):
         M.build_model(bert_dir, task="regression", num_labels=2, method="lora")

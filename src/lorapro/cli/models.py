@@ -14,12 +14,14 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from . import peft_methods
 from .errors import UserError
 from .io import replace_dir
 
@@ -44,6 +46,7 @@ BUILTIN_MODELS: dict[str, str] = {
 METHODS = (
     "full", "lora", "rslora", "lorapro", "lorapro-sgd", "lorapro-zero",
     "lorapro-bf16", "lorapro-factored", "lorapro-efficient",
+    "loraplus", "lorafa", "riemannian", "loraga",  # PEFT's baselines, see peft_methods
 )
 PEFT_METHODS = METHODS[1:]
 TASKS = ("classification", "causal-lm")
@@ -382,6 +385,7 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     id2label: dict[int, str] | None = None,
+    init_batches: Callable[[Any], list[dict[str, torch.Tensor]]] | None = None,
 ) -> tuple[nn.Module, Any, dict[str, Any]]:
     """Load the model at ``path`` for ``task`` and make it trainable for ``method``.
 
@@ -389,6 +393,10 @@ def build_model(
     ``alpha``, rsLoRA scaling ``alpha / sqrt(rank)`` for ``rslora`` or ``rslora=True``) on ``target_modules``
     (default: every Linear but the head, see :func:`all_linear_names`); for classification the new head is
     trained too (PEFT ``modules_to_save``). Returns ``(model, tokenizer, info)``.
+
+    ``lorafa`` freezes ``lora_A``; ``loraga`` initialises the adapters from the gradient on the batches that
+    ``init_batches(tokenizer)`` returns (required for it, ignored otherwise; the model is left on their device).
+    See :mod:`lorapro.cli.peft_methods`.
     """
     _check_method_task(method, task)
     if method != "full" and (int(rank) != rank or rank < 1):
@@ -415,6 +423,11 @@ def build_model(
             peft_targets = _user_targets(model, target_modules, exclude_head=task == "classification")
             targets = list(target_modules)
         heads = _head_names(model) if task == "classification" else []
+        extra: dict[str, Any] = {}
+        if method == "loraga":
+            if init_batches is None:
+                raise UserError("method 'loraga' needs training batches to estimate the gradient (init_batches)")
+            extra = peft_methods.loraga_config_kwargs()
         config = LoraConfig(
             r=int(rank),
             lora_alpha=alpha,
@@ -423,11 +436,18 @@ def build_model(
             use_rslora=bool(rslora or method == "rslora"),
             task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM",
             modules_to_save=[h for h in heads if h not in ("classifier", "score")] or None,
+            **extra,
         )
         try:
+            if method == "loraga":  # LoRA-GA's gradient estimate, on the base model before wrapping
+                peft_methods.loraga_preprocess(model, config, init_batches(tokenizer))
             model = get_peft_model(model, config)
         except ValueError as e:  # e.g. a target PEFT cannot wrap (a LayerNorm, a container module)
             raise UserError(f"--target-modules {', '.join(targets)}: {' '.join(str(e).split())}") from None
+        if method == "lorafa":
+            peft_methods.freeze_lora_a(model)
+        elif method == "loraga":
+            peft_methods.remember_init(model)
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -470,7 +490,10 @@ def save_trained(model: nn.Module, tokenizer: Any, out_dir: str | Path, method: 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        model.save_pretrained(tmp)
+        if method == "loraga":  # a standard LoRA adapter for the unmodified base model
+            peft_methods.save_as_lora(model, tmp)
+        else:
+            model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         config = getattr(_unwrap(model), "config", None)

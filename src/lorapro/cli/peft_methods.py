@@ -1,0 +1,194 @@
+"""The baselines that PEFT provides, as ``lorapro`` methods: LoRA+, LoRA-FA, Riemannian-preconditioned LoRA, LoRA-GA.
+
+Every one is a PEFT LoRA model built by :func:`lorapro.cli.models.build_model` (same rank, alpha, targets and
+learning rate as every other method: the paper's protocol) and differs only in what is listed here:
+
+``loraplus``
+    ``peft.optimizers.create_loraplus_optimizer(model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=16,
+    loraplus_weight_decay=weight_decay)``. PEFT's grouping: every ``lora_B`` and every trainable 1-D parameter
+    (biases, e.g. the classifier's) get ``16 * lr``; ``lora_A`` and other matrices (the classifier weight) get ``lr``.
+    16 = 2**4 is the ratio the LoRA+ paper recommends and PEFT's docs use.
+``lorafa``
+    ``peft.optimizers.create_lorafa_optimizer(model, r=rank, lora_alpha=alpha, lr=lr, weight_decay=weight_decay)``:
+    ``lora_A`` frozen at its random init, ``B``'s gradient projected to ``(1/s^2) g_B (A A^T)^-1`` (``s`` the LoRA
+    scaling) before an AdamW step (betas 0.9/0.999, eps 1e-6). PEFT computes that projection under bf16 autocast
+    whenever ``accelerate`` reports bf16 support (CPUs included).
+``riemannian``
+    ``peft.optimizers.create_riemannian_optimizer(model, torch.optim.AdamW, lr=lr, reg=1e-2,
+    weight_decay=weight_decay)``: AdamW on the preconditioned gradients ``(B^T B + reg I)^-1 g_A`` and
+    ``g_B (A A^T + reg I)^-1`` (Zhang & Pilanci, "Riemannian Preconditioned LoRA"); ``reg`` is PEFT's default.
+``loraga``
+    LoRA-GA initialisation (``init_lora_weights="lora_ga"``, ``LoraGAConfig(direction="ArB2r", scale="stable",
+    stable_gamma=16)``, PEFT's defaults) from the mean gradient of the target weights over ``LORAGA_EXAMPLES``
+    training examples (``peft.preprocess_loraga``), then plain AdamW. PEFT subtracts ``s * B0 @ A0`` from each
+    base weight, so the model computes the base model's function at init; the saved adapter is converted to a
+    standard rank-``2r`` LoRA adapter (``[B, -B0] @ [A; A0]``) that applies to the unmodified base model.
+
+All four are replicated under ``torchrun`` (like the AdamW baselines): only the LoRA-Pro optimizers shard state.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+PEFT_OPTIMIZER_METHODS = ("loraplus", "lorafa", "riemannian")
+INIT_METHODS = ("loraga",)
+METHODS = PEFT_OPTIMIZER_METHODS + INIT_METHODS
+
+LORAPLUS_LR_RATIO = 16.0  # LoRA+ paper's recommendation (2**4); PEFT's docs use 16 too
+RIEMANNIAN_REG = 1e-2  # PEFT's default damping of the r x r preconditioners
+LORAGA_EXAMPLES = 128  # PEFT's LoRA-GA example estimates the gradient from 64 batches of 2
+LORAGA_CONFIG = {"direction": "ArB2r", "scale": "stable", "stable_gamma": 16}  # PEFT's LoraGAConfig defaults
+
+_INIT_ATTR = "_lorapro_loraga_init"  # the initial (A0, B0) of a LoRA-GA model, kept for saving
+
+Batch = dict[str, torch.Tensor]
+
+
+# ------------------------------------------------------------------------------------------------ optimizers
+
+
+def make_optimizer(method: str, model: nn.Module, cfg: Any, process_group: Any = None) -> torch.optim.Optimizer:
+    """The optimizer of a PEFT-optimizer method (``PEFT_OPTIMIZER_METHODS``) for the PEFT model ``model``.
+
+    ``process_group`` is ignored: these optimizers keep replicated state, like plain AdamW under DDP.
+    """
+    if method == "loraplus":
+        from peft.optimizers import create_loraplus_optimizer
+
+        return create_loraplus_optimizer(
+            model, torch.optim.AdamW, lr=cfg.lr, loraplus_lr_ratio=LORAPLUS_LR_RATIO,
+            loraplus_weight_decay=cfg.weight_decay,
+        )
+    if method == "lorafa":
+        from peft.optimizers import create_lorafa_optimizer
+
+        return create_lorafa_optimizer(model, r=cfg.rank, lora_alpha=cfg.alpha, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if method == "riemannian":
+        from peft.optimizers import create_riemannian_optimizer
+
+        return create_riemannian_optimizer(
+            model, torch.optim.AdamW, lr=cfg.lr, reg=RIEMANNIAN_REG, weight_decay=cfg.weight_decay
+        )
+    raise ValueError(f"{method!r} is not one of {', '.join(PEFT_OPTIMIZER_METHODS)}")
+
+
+def freeze_lora_a(model: nn.Module) -> None:
+    """LoRA-FA trains ``B`` only (``create_lorafa_optimizer`` freezes ``A`` too; doing it at build time makes the
+    trainable-parameter count and the checkpoints right)."""
+    for name, param in model.named_parameters():
+        if "lora_A" in name:
+            param.requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------------- LoRA-GA
+
+
+def loraga_config_kwargs() -> dict[str, Any]:
+    """The ``LoraConfig`` arguments that select LoRA-GA initialisation."""
+    from peft import LoraGAConfig
+
+    return {"init_lora_weights": "lora_ga", "lora_ga_config": LoraGAConfig(**LORAGA_CONFIG)}
+
+
+def init_batches(cfg: Any, data: Any, device: torch.device | str = "cpu") -> Callable[[Any], list[Batch]] | None:
+    """For ``loraga``: a function ``tokenizer -> batches`` giving the examples whose gradient initialises the adapters.
+
+    ``LORAGA_EXAMPLES`` training rows (fewer if the set is smaller), drawn by a permutation seeded by ``cfg.seed``
+    (independent of the training order), in micro-batches of ``cfg.batch_size``, on ``device``. ``None`` for the
+    other methods. Every process of a ``torchrun`` launch gets the same batches, hence the same initialisation.
+    """
+    if cfg.method not in INIT_METHODS:
+        return None
+
+    def make(tokenizer: Any) -> list[Batch]:
+        from .trainer import Batches
+
+        n = min(LORAGA_EXAMPLES, len(data.train))
+        order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed))[:n].tolist()
+        rows = [data.train[i] for i in order]
+        collate = Batches(data, tokenizer, cfg, device)
+        return [collate(rows[i : i + cfg.batch_size]) for i in range(0, n, cfg.batch_size)]
+
+    return make
+
+
+def loraga_preprocess(model: nn.Module, lora_config: Any, batches: list[Batch]) -> None:
+    """``peft.preprocess_loraga`` with a ``train_step`` that runs forward + backward on every batch (the gradients
+    add up; PEFT divides by the number of backward passes: the mean gradient of the batches' mean losses).
+
+    The model is moved to the batches' device first. Call this on the base model, before ``get_peft_model``.
+    """
+    from peft import preprocess_loraga
+
+    if not batches:
+        raise ValueError("LoRA-GA needs at least one batch to estimate the gradient")
+    model.to(batches[0]["input_ids"].device)
+
+    def train_step() -> None:
+        for batch in batches:
+            model(**batch).loss.backward()
+
+    with warnings.catch_warnings():  # PEFT's counting hooks fire on outputs only (inputs need no gradient): fine
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        preprocess_loraga(model, lora_config, train_step)
+
+
+def remember_init(model: nn.Module) -> None:
+    """Keep a CPU copy of the initial LoRA-GA factors (by adapter state-dict key), for :func:`save_as_lora`."""
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(model)
+    setattr(model, _INIT_ATTR, {k: v.detach().to("cpu", copy=True) for k, v in state.items() if _is_factor(k)})
+
+
+def _is_factor(key: str) -> bool:
+    return ".lora_A." in key or ".lora_B." in key
+
+
+def save_as_lora(model: nn.Module, directory: str | Path) -> None:
+    """Save a trained LoRA-GA model as a standard LoRA adapter for the *original* base model.
+
+    The trained model computes ``W - s B0 A0 + s B A`` = ``W + s [B, -B0] [A; A0]``: a rank-``2r`` adapter with
+    ``init_lora_weights=True`` and ``lora_alpha`` doubled (``* sqrt 2`` with rsLoRA), so the scaling ``s`` is
+    unchanged. This is PEFT's ``subtract_mutated_init`` rule; it is done here because PEFT's
+    ``save_pretrained(path_initial_model_for_weight_conversion=...)`` needs the initial adapter on disk and keeps
+    only the LoRA factors, dropping the trained classification head (``modules_to_save``).
+    """
+    from safetensors.torch import load_file, save_file
+
+    init = getattr(model, _INIT_ATTR, None)
+    if init is None:
+        raise ValueError("this model has no recorded LoRA-GA initialisation (was it built with method 'loraga'?)")
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    weights = directory / "adapter_model.safetensors"
+    state = load_file(weights)
+    if set(k for k in state if _is_factor(k)) != set(init):
+        raise ValueError("the saved adapter's LoRA factors do not match the recorded LoRA-GA initialisation")
+    for key, value in list(state.items()):
+        if ".lora_A." in key:
+            state[key] = torch.cat([value, init[key].to(value.dtype)], dim=0).contiguous()
+        elif ".lora_B." in key:
+            state[key] = torch.cat([value, -init[key].to(value.dtype)], dim=1).contiguous()
+    save_file(state, weights, metadata={"format": "pt"})
+    config_file = directory / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config = copy.deepcopy(config)
+    config["r"] = 2 * int(config["r"])
+    config["lora_alpha"] = config["lora_alpha"] * (math.sqrt(2) if config.get("use_rslora") else 2)
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key):
+            raise ValueError(f"LoRA-GA conversion does not handle {key}")
+    config["init_lora_weights"] = True
+    config["lora_ga_config"] = None
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
