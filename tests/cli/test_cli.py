@@ -151,3 +151,27 @@ def test_bad_inputs_give_one_line_and_exit_2(bert_dir, tmp_path, capsys):
     _bad(tmp_path, capsys, [*base, "--lr", "-1"], "--lr")
     _bad(tmp_path, capsys, ["eval", "--model", str(bert_dir), "--adapter", str(tmp_path / "nothing"),
                             "--eval", "rotten-tomatoes"], "nothing")
+
+
+def test_diagnostics_option(bert_dir, tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(bert_dir), "--max-steps", "5", "--diagnostics", "2", *SMALL,
+                 "--out", str(out)]) == 0
+    saved = json.loads((out / "diagnostics.json").read_text())
+    records = saved["records"]
+    assert sorted({r["step"] for r in records}) == [0, 2, 4]
+    layers = {r["layer"] for r in records}
+    assert len(records) == 3 * len(layers) and layers
+    assert all(r["lorapro_distance"] <= r["lora_distance"] * (1 + 1e-5) for r in records)
+    assert all(r["rank_B"] == 0 for r in records if r["step"] == 0)  # PEFT starts from B = 0
+    assert (out / "diagnostics.png").stat().st_size > 10_000
+    # the measurement changes nothing in the run
+    plain = tmp_path / "plain"
+    assert main(["train", "--model", str(bert_dir), "--max-steps", "5", *SMALL, "--out", str(plain)]) == 0
+    assert _metrics(out)["train_loss"] == _metrics(plain)["train_loss"]
+    # full fine-tuning has no LoRA pairs to measure
+    from lorapro.cli.errors import UserError
+    from lorapro.cli.trainer import TrainConfig, _diagnostics
+
+    with pytest.raises(UserError, match="--diagnostics needs LoRA layers"):
+        _diagnostics(TrainConfig(method="full", diagnostics=1), torch.nn.Linear(2, 2), 1)
