@@ -30,8 +30,9 @@ number of processes raises a ``ValueError`` naming both sizes. Single-process ch
 ``optimizer.pt``. (The stock ``Trainer`` with ``make_lorapro_optimizer`` saves ``optimizer.pt`` from rank 0
 only, so with a sharded optimizer use :class:`LoRAProTrainer` or ``shard_optimizer_state=False``.)
 
-FSDP and DeepSpeed are not supported (LoRA-Pro needs each layer's whole ``A`` and ``B`` on the rank that
-updates it).
+The Trainer's FSDP and DeepSpeed modes are refused (not tested with this Trainer). The optimizer itself supports
+FSDP2's ``fully_shard`` in a plain training loop, and DeepSpeed ZeRO stage 0 through
+:mod:`lorapro.integrations.deepspeed`.
 
 This module imports ``transformers``; ``import lorapro`` does not.
 """
@@ -294,8 +295,9 @@ class LoRAProTrainer(transformers.Trainer):
         super().__init__(*args, **kwargs)
         if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
             raise ValueError(
-                "LoRAProTrainer does not support FSDP or DeepSpeed: LoRA-Pro needs each layer's whole A and B on "
-                "the rank that updates it (use DDP; the optimizer state is sharded over the ranks by itself)"
+                "LoRAProTrainer does not support the Trainer's FSDP or DeepSpeed modes (untested here; DeepSpeed "
+                "ZeRO >= 1 flattens A and B into 1-D partitions): use DDP, whose optimizer state LoRA-Pro shards "
+                "over the ranks by itself, or FSDP2's fully_shard in a plain loop, or lorapro.integrations.deepspeed"
             )
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
