@@ -1,0 +1,255 @@
+"""Aggregate experiments/results/ into the tables and plots of docs/RESULTS.md.
+
+Generated text goes between ``<!-- BEGIN name -->`` and ``<!-- END name -->`` markers in docs/RESULTS.md (the
+text around them is written by hand); plots go to docs/results/.
+
+    python experiments/report.py            # rewrite the generated parts of docs/RESULTS.md
+    python experiments/report.py --print    # print them instead
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from run import EXPERIMENTS, METHODS, RESULTS  # noqa: E402
+
+DOCS = HERE.parent / "docs"
+PLOTS = DOCS / "results"
+SUFFIX = ""  # "-smoke" with --smoke
+
+
+def _metric(m: dict) -> float:
+    return m["eval_accuracy"] if "eval_accuracy" in m else m["eval_exact_match"]
+
+
+def load(name: str, phase: str) -> list[dict]:
+    runs = []
+    for f in sorted((RESULTS / name / (phase + SUFFIX)).glob("*/metrics.json")):
+        m = json.loads(f.read_text())
+        m["_dir"] = f.parent
+        runs.append(m)
+    return runs
+
+
+def _ms(xs: list[float]) -> str:
+    if not xs:
+        return "-"
+    if len(xs) == 1:
+        return f"{xs[0]:.3f} (1 seed)"
+    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
+
+
+def gap_closed(runs: list[dict], method: str = "lorapro") -> tuple[list[float], float | None]:
+    """Per seed ``(method - lora) / (full - lora)`` (seeds where all three ran), and the same from the means."""
+    by = {(r["method"], r["config"]["seed"]): _metric(r) for r in runs}
+    seeds = sorted({s for (_, s) in by})
+    fractions = []
+    for s in seeds:
+        if all((k, s) in by for k in ("full", "lora", method)):
+            gap = by["full", s] - by["lora", s]
+            if gap != 0:
+                fractions.append((by[method, s] - by["lora", s]) / gap)
+    means = {k: [v for (mm, _), v in by.items() if mm == k] for k in ("full", "lora", method)}
+    of_means = None
+    if all(means.values()):
+        gap = statistics.mean(means["full"]) - statistics.mean(means["lora"])
+        if gap != 0:
+            of_means = (statistics.mean(means[method]) - statistics.mean(means["lora"])) / gap
+    return fractions, of_means
+
+
+def sweep_table(name: str) -> str:
+    runs = load(name, "sweep")
+    if not runs:
+        return "_no sweep results yet_\n"
+    lrs = sorted({r["config"]["lr"] for r in runs})
+    methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
+    lines = ["| lr | " + " | ".join(methods) + " | mean |", "|---" * (len(methods) + 2) + "|"]
+    for lr in lrs:
+        vals = {r["method"]: _metric(r) for r in runs if r["config"]["lr"] == lr}
+        row = [f"{vals[m]:.3f}" if m in vals else "-" for m in methods]
+        mean = statistics.mean(vals.values())
+        lines.append(f"| {lr:g} | " + " | ".join(row) + f" | {mean:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def final_table(name: str) -> str:
+    runs = load(name, "final")
+    if not runs:
+        return "_no final results yet_\n"
+    metric = "accuracy" if "eval_accuracy" in runs[0] else "exact match"
+    lr = runs[0]["config"]["lr"]
+    lines = [
+        f"lr {lr:g} for every method; test-set {metric}, mean ± std over seeds; optimizer step and state from the "
+        "same runs (2 CPU cores, shared machine: times are indicative).",
+        "",
+        f"| method | test {metric} | seeds | opt. step ms | opt. state MiB | trainable params |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method in METHODS:
+        rs = [r for r in runs if r["method"] == method]
+        if not rs:
+            continue
+        lines.append(
+            f"| {method} | {_ms([_metric(r) for r in rs])} | {len(rs)} | "
+            f"{statistics.mean(r['mean_optimizer_step_ms'] for r in rs):.1f} | "
+            f"{statistics.mean(r['optimizer_state_mib'] for r in rs):.1f} | {rs[0]['trainable_params']:,} |"
+        )
+    fractions, of_means = gap_closed(runs)
+    lines.append("")
+    if fractions:
+        spread = f" ± {statistics.stdev(fractions):.2f}" if len(fractions) > 1 else ""
+        lines.append(
+            f"**Gap closed by LoRA-Pro** ((LoRA-Pro − LoRA) / (full − LoRA)): per seed "
+            f"{', '.join(f'{f:.2f}' for f in fractions)}; mean {statistics.mean(fractions):.2f}{spread}"
+            + (f"; from the means {of_means:.2f}." if of_means is not None else ".")
+        )
+    return "\n".join(lines) + "\n"
+
+
+def rank_table(name: str) -> str:
+    runs = load(name, "rank")
+    if not runs:
+        return "_no rank ablation yet_\n"
+    lines = ["| method | rank 8 | rank 32 |", "|---|---|---|"]
+    for method in sorted({r["method"] for r in runs}, key=METHODS.index):
+        cells = [_ms([_metric(r) for r in runs if r["method"] == method and r["config"]["rank"] == k]) for k in (8, 32)]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(name: str) -> list[str]:
+    """Bar chart of the final runs and the diagnostics figure of seed 0; returns markdown image lines."""
+    runs = load(name, "final")
+    out = []
+    if not runs:
+        return out
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    PLOTS.mkdir(parents=True, exist_ok=True)
+    methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
+    means = [statistics.mean(_metric(r) for r in runs if r["method"] == m) for m in methods]
+    stds = [
+        statistics.stdev([_metric(r) for r in runs if r["method"] == m])
+        if sum(r["method"] == m for r in runs) > 1 else 0.0 for m in methods
+    ]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.bar(range(len(methods)), means, yerr=stds, capsize=3,
+           color=["C1" if m.startswith("lorapro") else "C0" if m != "full" else "C2" for m in methods])
+    ax.set_xticks(range(len(methods)), methods, rotation=40, ha="right")
+    lo = min(m - s for m, s in zip(means, stds))
+    ax.set_ylim(max(0.0, lo - 0.05), min(1.0, max(m + s for m, s in zip(means, stds)) + 0.03))
+    ax.set_ylabel("test " + ("accuracy" if "eval_accuracy" in runs[0] else "exact match"))
+    ax.set_title(f"{name}: mean ± std over seeds")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = PLOTS / f"{name}_methods.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    out.append(f"![{name} methods](results/{path.name})")
+    diag = {}
+    for method in ("lora", "lorapro"):
+        for r in runs:
+            f = r["_dir"] / "diagnostics.json"
+            if r["method"] == method and r["config"]["seed"] == min(x["config"]["seed"] for x in runs) and f.exists():
+                diag[method] = json.loads(f.read_text())["records"]
+    if diag:
+        from lorapro.diagnostics import plot_diagnostics
+
+        path = PLOTS / f"{name}_diagnostics.png"
+        plot_diagnostics(diag, str(path))
+        out.append(f"![{name} diagnostics](results/{path.name})")
+    return out
+
+
+def diagnostics_summary(name: str) -> str:
+    from lorapro.diagnostics import summarize
+
+    runs = load(name, "final")
+    lines = []
+    for method in ("lora", "lorapro"):
+        rel = []
+        for r in runs:
+            f = r["_dir"] / "diagnostics.json"
+            if r["method"] == method and f.exists():
+                s = summarize(json.loads(f.read_text())["records"])
+                key = "lorapro" if method == "lorapro" else "lora"
+                rel.append((s[key][0], s[key][-1], s["rank_B"][-1], s["rank_A"][-1], s["steps"][-1]))
+        if rel:
+            lines.append(
+                f"| {method} | {statistics.mean(x[0] for x in rel):.3f} | {statistics.mean(x[1] for x in rel):.3f} | "
+                f"{statistics.mean(x[3] for x in rel):.1f} / {statistics.mean(x[2] for x in rel):.1f} | {len(rel)} |"
+            )
+    if not lines:
+        return ""
+    head = [
+        "Mean over layers of ||G − g||_F / ||g||_F with each run's own equivalent gradient, first and last measured "
+        "step, and the mean numerical ranks of A / B at the last one:",
+        "",
+        "| run | rel. distance, first step | last step | rank A / B (last) | seeds |",
+        "|---|---|---|---|---|",
+    ]
+    return "\n".join(head + lines) + "\n"
+
+
+def generated(name: str) -> str:
+    exp = EXPERIMENTS[name]
+    parts = [
+        f"Model `{exp['model']}`, data `{exp['train']}`; {exp['steps']} steps x batch {exp['batch']}, max length "
+        f"{exp['max_length']}, rank {exp['rank']} (alpha {exp['alpha']}), cosine schedule, 3% warm-up.",
+        "",
+        "Learning-rate sweep (validation split carved from the training rows; seed 0):",
+        "",
+        sweep_table(name),
+        final_table(name),
+        diagnostics_summary(name),
+        "Rank ablation (same lr, alpha scaled with r so that s = alpha / r stays fixed):",
+        "",
+        rank_table(name),
+        *[line + "\n" for line in plots(name)],
+    ]
+    return "\n".join(p for p in parts if p is not None)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--print", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="report the --smoke runs (implies --print)")
+    ap.add_argument("--plots", help="directory for the plots (default docs/results)")
+    args = ap.parse_args()
+    global SUFFIX, PLOTS
+    if args.smoke:
+        SUFFIX, args.print = "-smoke", True
+    if args.plots:
+        PLOTS = Path(args.plots)
+    names = [n for n in EXPERIMENTS if (RESULTS / n).exists()]
+    if args.print:
+        for n in names:
+            print(f"## {n}\n\n{generated(n)}")
+        return
+    path = DOCS / "RESULTS.md"
+    text = path.read_text()
+    for n in names:
+        pattern = re.compile(rf"(<!-- BEGIN {n} -->\n).*?(<!-- END {n} -->)", re.S)
+        if not pattern.search(text):
+            print(f"docs/RESULTS.md has no <!-- BEGIN {n} --> marker; skipped", file=sys.stderr)
+            continue
+        text = pattern.sub(lambda m: m.group(1) + generated(n) + m.group(2), text)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

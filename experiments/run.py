@@ -1,0 +1,192 @@
+"""Run the small-scale reproduction of the LoRA-Pro paper's claims (results go to docs/RESULTS.md).
+
+Every run is one ``lorapro train`` process. Its ``metrics.json`` (and ``diagnostics.json`` when asked) is kept
+under ``experiments/results/<experiment>/<phase>/<run>/``; the weights go to a scratch directory and are
+deleted. A run whose result exists is skipped, so an interrupted campaign continues where it stopped.
+
+Protocol (the paper's: one learning rate for all methods):
+  * The builtin training rows are split once, with a fixed seed, into train and validation (``val`` rows); the
+    builtin held-out split is the test set. ``sweep`` trains the sweep methods at each learning rate on train
+    and scores them on validation; the lr with the best mean validation score over those methods is the one
+    every method uses in ``final`` and the ablations, which score on the test set. The test set plays no part
+    in choosing anything.
+  * ``final``: every method, several seeds. ``rank``: LoRA and LoRA-Pro at ranks 8 and 32. X's ablation is
+    ``lorapro`` (Sylvester X) against ``lorapro-zero`` (X = 0) in ``final``.
+
+    python experiments/run.py sweep rt                 # lr sweep on validation
+    python experiments/run.py final rt                 # all methods x 3 seeds at the chosen lr, on test
+    python experiments/run.py rank rt                  # rank 8 / 32 ablation
+    python experiments/run.py all rt                   # the three in order
+    python experiments/run.py final rt --smoke         # a few steps on a few rows (what CI runs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = Path(os.environ.get("LORAPRO_RESULTS", HERE / "results"))  # tests point this elsewhere
+
+METHODS = [
+    "full", "lora", "rslora", "loraplus", "lorafa", "riemannian", "loraga",
+    "lorapro", "lorapro-zero", "lorapro-sgd", "lorapro-bf16", "lorapro-factored", "lorapro-efficient",
+]
+SWEEP_METHODS = ["full", "lora", "lorapro"]
+DIAGNOSE = {"lora", "lorapro"}  # runs that record the paper's diagnostics in `final`
+
+EXPERIMENTS = {
+    # MiniLM (22.7M) sentiment: the demo's setting.
+    "rt": dict(model="minilm", train="rotten-tomatoes", steps=100, batch=32, max_length=64, rank=8, alpha=16,
+               val=1000, max_eval=None, lrs=[1e-4, 2e-4, 5e-4, 1e-3], seeds=[0, 1, 2], diagnostics_every=10),
+    # MiniLM question classification (6 classes).
+    "trec": dict(model="minilm", train="trec", steps=100, batch=32, max_length=32, rank=8, alpha=16,
+                 val=500, max_eval=None, lrs=[1e-4, 2e-4, 5e-4, 1e-3], seeds=[0, 1, 2], diagnostics_every=10),
+    # SmolLM2-135M on GSM-style word problems (exact match of the final number).
+    "gsm": dict(model="smollm2-135m", train="gsm-symbolic", steps=100, batch=8, max_length=256, rank=8, alpha=16,
+                val=100, max_eval=200, lrs=[1e-4, 5e-4], seeds=[0, 1, 2], diagnostics_every=20),
+    # SmolLM2-135M on simple arithmetic, where methods can separate within this budget.
+    "arith": dict(model="smollm2-135m", train="basic-arithmetic", steps=100, batch=16, max_length=64, rank=8,
+                  alpha=16, val=100, max_eval=200, lrs=[1e-4, 5e-4], seeds=[0, 1, 2], diagnostics_every=20),
+}
+
+SMOKE = dict(steps=3, batch=4, val=8, max_train=32, max_eval=8, lrs=[1e-3], seeds=[0], diagnostics_every=1)
+
+
+def _metric(m: dict) -> float:
+    return m["eval_accuracy"] if "eval_accuracy" in m else m["eval_exact_match"]
+
+
+def write_splits(name: str, exp: dict, smoke: bool) -> dict[str, Path]:
+    """train / val / test JSONL files for ``name`` (written once; the split never depends on a run's seed)."""
+    from lorapro.cli.data import load_task_data
+
+    d = RESULTS / name / ("data-smoke" if smoke else "data")
+    paths = {k: d / f"{k}.jsonl" for k in ("train", "val", "test")}
+    if all(p.exists() for p in paths.values()):
+        return paths
+    data = load_task_data(None, exp["train"], None, max_eval=exp.get("max_eval"))
+    rows = list(data.train)
+    random.Random(12345).shuffle(rows)
+    val, train = rows[: exp["val"]], rows[exp["val"] :]
+    test = list(data.eval)
+    if smoke:
+        train, test = train[: SMOKE["max_train"]], test[: SMOKE["max_eval"]]
+    keep = ("text", "label") if data.task == "classification" else ("prompt", "completion")
+    d.mkdir(parents=True, exist_ok=True)
+    for key, part in (("train", train), ("val", val), ("test", test)):
+        tmp = paths[key].with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            for row in part:
+                f.write(json.dumps({k: row[k] for k in keep}) + "\n")
+        os.replace(tmp, paths[key])
+    (d / "task").write_text(data.task)
+    return paths
+
+
+def run_one(name: str, exp: dict, phase: str, method: str, *, lr: float, seed: int, rank: int, split: str,
+            smoke: bool, diagnostics: int | None, threads: int | None) -> dict:
+    tag = f"{method}-lr{lr:g}-r{rank}-s{seed}"
+    dest = RESULTS / name / (phase + ("-smoke" if smoke else "")) / tag
+    if (dest / "metrics.json").exists():
+        return json.loads((dest / "metrics.json").read_text())
+    paths = write_splits(name, exp, smoke)
+    task = (paths["train"].parent / "task").read_text()
+    scratch = Path(tempfile.mkdtemp(prefix=f"lorapro-{name}-{tag}-"))
+    cmd = [
+        sys.executable, "-m", "lorapro", "train", "--model", exp["model"], "--task", task,
+        "--train", str(paths["train"]), "--eval", str(paths[split]), "--method", method,
+        "--rank", str(rank), "--alpha", str(exp["alpha"] * rank / exp["rank"]), "--lr", str(lr),
+        "--max-steps", str(SMOKE["steps"] if smoke else exp["steps"]),
+        "--batch-size", str(SMOKE["batch"] if smoke else exp["batch"]),
+        "--max-length", str(exp["max_length"]), "--seed", str(seed), "--out", str(scratch / "out"), "--no-progress",
+    ]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    if diagnostics:
+        cmd += ["--diagnostics", str(diagnostics)]
+    start = time.time()
+    print(f"[{name}/{phase}] {tag} ...", flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise SystemExit(f"run {name}/{phase}/{tag} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in ("metrics.json", "diagnostics.json", "diagnostics.png"):
+        if (scratch / "out" / f).exists():
+            shutil.copy(scratch / "out" / f, tmp / f)
+    shutil.rmtree(scratch, ignore_errors=True)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    m = json.loads((dest / "metrics.json").read_text())
+    print(f"[{name}/{phase}] {tag}: {_metric(m):.4f} in {time.time() - start:.0f} s", flush=True)
+    return m
+
+
+def chosen_lr(name: str, smoke: bool) -> float:
+    """The sweep's learning rate with the best mean validation score over the sweep methods."""
+    d = RESULTS / name / ("sweep" + ("-smoke" if smoke else ""))
+    scores: dict[float, list[float]] = {}
+    for f in sorted(d.glob("*/metrics.json")):
+        m = json.loads(f.read_text())
+        scores.setdefault(m["config"]["lr"], []).append(_metric(m))
+    if not scores:
+        raise SystemExit(f"no sweep results for {name}: run `python experiments/run.py sweep {name}` first")
+    return max(scores, key=lambda lr: (statistics.mean(scores[lr]), -lr))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("phase", choices=["sweep", "final", "rank", "all"])
+    ap.add_argument("experiment", choices=sorted(EXPERIMENTS))
+    ap.add_argument("--methods", help="comma-separated subset (default: the phase's)")
+    ap.add_argument("--seeds", help="comma-separated seeds (default: the experiment's)")
+    ap.add_argument("--lr", type=float, help="override the swept learning rate")
+    ap.add_argument("--smoke", action="store_true", help="a few steps on a few rows, to check the pipeline")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    exp = dict(EXPERIMENTS[args.experiment])
+    if args.smoke:
+        exp.update({k: v for k, v in SMOKE.items() if k in exp})
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else exp["seeds"]
+    phases = ["sweep", "final", "rank"] if args.phase == "all" else [args.phase]
+    common = dict(smoke=args.smoke, threads=args.threads)
+    for phase in phases:
+        if phase == "sweep":
+            methods = args.methods.split(",") if args.methods else SWEEP_METHODS
+            for lr in exp["lrs"]:
+                for method in methods:
+                    run_one(args.experiment, exp, "sweep", method, lr=lr, seed=0, rank=exp["rank"], split="val",
+                            diagnostics=None, **common)
+            print(f"chosen lr: {chosen_lr(args.experiment, args.smoke):g}")
+            continue
+        lr = args.lr if args.lr is not None else chosen_lr(args.experiment, args.smoke)
+        if phase == "final":
+            methods = args.methods.split(",") if args.methods else METHODS
+            for seed in seeds:
+                for method in methods:
+                    diag = exp["diagnostics_every"] if method in DIAGNOSE else None
+                    run_one(args.experiment, exp, "final", method, lr=lr, seed=seed, rank=exp["rank"], split="test",
+                            diagnostics=diag, **common)
+        else:
+            methods = args.methods.split(",") if args.methods else ["lora", "lorapro"]
+            for rank in (8, 32):
+                for seed in seeds:
+                    for method in methods:
+                        run_one(args.experiment, exp, "rank", method, lr=lr, seed=seed, rank=rank, split="test",
+                                diagnostics=None, **common)
+
+
+if __name__ == "__main__":
+    main()

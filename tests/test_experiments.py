@@ -1,0 +1,34 @@
+"""Smoke runs of the reproduction scripts (experiments/run.py and report.py): a few steps on a few rows."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args, results):
+    env = {**os.environ, "LORAPRO_RESULTS": str(results)}
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_run_and_report_smoke(tmp_path):
+    results = tmp_path / "results"
+    out = _run(["experiments/run.py", "sweep", "rt", "--smoke", "--methods", "lora", "--threads", "1"], results)
+    assert "chosen lr: 0.001" in out
+    _run(["experiments/run.py", "final", "rt", "--smoke", "--methods", "full,lora,lorapro", "--threads", "1"], results)
+    final = sorted(p.name for p in (results / "rt" / "final-smoke").iterdir())
+    assert final == ["full-lr0.001-r8-s0", "lora-lr0.001-r8-s0", "lorapro-lr0.001-r8-s0"]
+    assert (results / "rt" / "final-smoke" / "lorapro-lr0.001-r8-s0" / "diagnostics.json").is_file()
+    assert not (results / "rt" / "final-smoke" / "full-lr0.001-r8-s0" / "diagnostics.json").exists()
+    # cached: a second call runs nothing
+    again = _run(["experiments/run.py", "final", "rt", "--smoke", "--methods", "lora", "--threads", "1"], results)
+    assert "..." not in again
+    report = _run(["experiments/report.py", "--smoke", "--plots", str(tmp_path / "plots")], results)
+    assert "| lorapro |" in report and "Gap closed by LoRA-Pro" in report
+    assert (tmp_path / "plots" / "rt_methods.png").is_file() and (tmp_path / "plots" / "rt_diagnostics.png").is_file()
