@@ -89,3 +89,22 @@ def test_bf16_moments_survive_a_state_dict_round_trip():
 def test_unknown_option_is_refused():
     with pytest.raises(ValueError, match="Invalid moments: 'fp8'.*full, bf16, factored, efficient"):
         lorapro.LoRAProAdamW(tiny_peft(), moments="fp8")
+
+
+def test_workspace_is_at_most_one_weight_matrix_per_shape():
+    """Transient memory of the Adam pass: at most one m x n float32 matrix per distinct shape, on any device
+    (sized on the meta device: the accelerator rule, without an accelerator)."""
+    from lorapro.optim import _block_rows, _Workspace
+
+    for m, n in [(4096, 4096), (11008, 4096), (4096, 11008), (7, 3), (1, 5)]:
+        for moments in ("full", "bf16", "factored"):
+            for device in (torch.device("meta"), torch.device("cpu")):
+                rows = _block_rows(m, n, device, moments)
+                assert 1 <= rows <= m
+                ws = _Workspace(rows, n, torch.float32, torch.device("meta"), moments)
+                parts = [ws.work, ws.M, ws.V, ws.col, ws.noise]
+                total = sum(t.numel() * t.element_size() for t in parts if t is not None)
+                if device.type == "meta":  # one m x n float32 matrix (plus a row per buffer when m is tiny)
+                    assert total <= 4 * (m * n + 6 * n), (m, n, moments, total)
+                else:  # cache-sized blocks: a constant, never per layer
+                    assert total <= 4 * (5 * (1 << 19) + n), (m, n, moments, total)

@@ -144,6 +144,18 @@ def _apply_update(pairs: Sequence[LoRAPair], batch: _PairBatch, a: Tensor, b: Te
 # passes cost cache bandwidth, and only M and V travel to and from memory (once each).
 _CPU_BLOCK_ELEMENTS = 1 << 19
 
+# Block-sized buffers the Adam pass needs per moment mode, in units of one block of float32 (see _Workspace):
+# the G/U buffer; bf16 adds float32 copies of M and V and two blocks of int32 random bits; factored adds V.
+_WORKSPACE_BLOCKS = {"full": 1, "bf16": 5, "factored": 2}
+
+
+def _block_rows(m: int, n: int, device: torch.device, moments: str) -> int:
+    """Rows per block of the Adam pass. CPU: blocks that stay in cache. Accelerators: as few blocks as keep
+    the whole workspace within one m x n float32 matrix per shape (one block for the default moments)."""
+    if device.type == "cpu":
+        return max(1, min(m, _CPU_BLOCK_ELEMENTS // n))
+    return max(1, m // _WORKSPACE_BLOCKS[moments])
+
 
 class _Workspace:
     """Block-sized buffers for the Adam pass, allocated once per shape and step (never per layer)."""
@@ -606,7 +618,7 @@ class LoRAProAdamW(_LoRAProOptimizer):
         gA_adam = torch.zeros_like(batch.A)
         gB_adam = torch.empty_like(batch.B)
         m, n = pairs[0].shape
-        rows = m if batch.A.device.type != "cpu" else max(1, min(m, _CPU_BLOCK_ELEMENTS // n))
+        rows = _block_rows(m, n, batch.A.device, moments)
         work = _Workspace(rows, n, batch.A.dtype, batch.A.device, moments)
         for i, pair in enumerate(pairs):
             state = self._pair_state(pair, batch.A.dtype, moments)
