@@ -12,6 +12,7 @@ Protocol (the paper's: one learning rate for all methods):
     in choosing anything.
   * ``final``: every method, several seeds. ``rank``: LoRA and LoRA-Pro at ranks 8 and 32. X's ablation is
     ``lorapro`` (Sylvester X) against ``lorapro-zero`` (X = 0) in ``final``.
+  * ``tuned`` (secondary, not the paper's rule): full, LoRA and LoRA-Pro each at its own best validation lr.
 
     python experiments/run.py sweep rt                 # lr sweep on validation
     python experiments/run.py final rt                 # all methods x 3 seeds at the chosen lr, on test
@@ -134,6 +135,19 @@ def run_one(name: str, exp: dict, phase: str, method: str, *, lr: float, seed: i
     return m
 
 
+def best_lr(name: str, method: str, smoke: bool) -> float:
+    """The sweep's learning rate with the best validation score for ``method`` alone."""
+    d = RESULTS / name / ("sweep" + ("-smoke" if smoke else ""))
+    scores = {}
+    for f in sorted(d.glob(f"{method}-lr*/metrics.json")):
+        m = json.loads(f.read_text())
+        if m["method"] == method:
+            scores[m["config"]["lr"]] = _metric(m)
+    if not scores:
+        raise SystemExit(f"no sweep result for {method} on {name}")
+    return max(scores, key=lambda lr: (scores[lr], -lr))
+
+
 def chosen_lr(name: str, smoke: bool) -> float:
     """The sweep's learning rate with the best mean validation score over the sweep methods."""
     d = RESULTS / name / ("sweep" + ("-smoke" if smoke else ""))
@@ -148,7 +162,7 @@ def chosen_lr(name: str, smoke: bool) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["sweep", "final", "rank", "all"])
+    ap.add_argument("phase", choices=["sweep", "final", "tuned", "rank", "all"])
     ap.add_argument("experiment", choices=sorted(EXPERIMENTS))
     ap.add_argument("--methods", help="comma-separated subset (default: the phase's)")
     ap.add_argument("--seeds", help="comma-separated seeds (default: the experiment's)")
@@ -160,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:
         exp.update({k: v for k, v in SMOKE.items() if k in exp})
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else exp["seeds"]
-    phases = ["sweep", "final", "rank"] if args.phase == "all" else [args.phase]
+    phases = ["sweep", "final", "tuned", "rank"] if args.phase == "all" else [args.phase]
     common = dict(smoke=args.smoke, threads=args.threads)
     for phase in phases:
         if phase == "sweep":
@@ -170,6 +184,13 @@ def main(argv: list[str] | None = None) -> None:
                     run_one(args.experiment, exp, "sweep", method, lr=lr, seed=0, rank=exp["rank"], split="val",
                             diagnostics=None, **common)
             print(f"chosen lr: {chosen_lr(args.experiment, args.smoke):g}")
+            continue
+        if phase == "tuned":  # a secondary view: each sweep method at its own best validation lr
+            methods = args.methods.split(",") if args.methods else SWEEP_METHODS
+            for seed in seeds:
+                for method in methods:
+                    run_one(args.experiment, exp, "tuned", method, lr=best_lr(args.experiment, method, args.smoke),
+                            seed=seed, rank=exp["rank"], split="test", diagnostics=None, **common)
             continue
         lr = args.lr if args.lr is not None else chosen_lr(args.experiment, args.smoke)
         if phase == "final":

@@ -26,6 +26,8 @@ def test_run_and_report_smoke(tmp_path):
     assert final == ["full-lr0.001-r8-s0", "lora-lr0.001-r8-s0", "lorapro-lr0.001-r8-s0"]
     assert (results / "rt" / "final-smoke" / "lorapro-lr0.001-r8-s0" / "diagnostics.json").is_file()
     assert not (results / "rt" / "final-smoke" / "full-lr0.001-r8-s0" / "diagnostics.json").exists()
+    _run(["experiments/run.py", "tuned", "rt", "--smoke", "--methods", "lora", "--threads", "1"], results)
+    assert (results / "rt" / "tuned-smoke" / "lora-lr0.001-r8-s0" / "metrics.json").is_file()
     # cached: a second call runs nothing
     again = _run(["experiments/run.py", "final", "rt", "--smoke", "--methods", "lora", "--threads", "1"], results)
     assert "..." not in again
