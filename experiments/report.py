@@ -18,15 +18,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import EXPERIMENTS, METHODS, RESULTS  # noqa: E402
+from run import EXPERIMENTS, METHODS, RESULTS, _metric  # noqa: E402
 
 DOCS = HERE.parent / "docs"
 PLOTS = DOCS / "results"
 SUFFIX = ""  # "-smoke" with --smoke
-
-
-def _metric(m: dict) -> float:
-    return m["eval_accuracy"] if "eval_accuracy" in m else m["eval_exact_match"]
 
 
 def load(name: str, phase: str) -> list[dict]:
@@ -46,9 +42,13 @@ def _ms(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
 
 
+def _by_method_seed(runs: list[dict]) -> dict[tuple[str, int], float]:
+    return {(r["method"], r["config"]["seed"]): _metric(r) for r in runs}
+
+
 def gap_closed(runs: list[dict], method: str = "lorapro") -> tuple[list[float], float | None]:
     """Per seed ``(method - lora) / (full - lora)`` (seeds where all three ran), and the same from the means."""
-    by = {(r["method"], r["config"]["seed"]): _metric(r) for r in runs}
+    by = _by_method_seed(runs)
     seeds = sorted({s for (_, s) in by})
     fractions = []
     for s in seeds:
@@ -66,7 +66,7 @@ def gap_closed(runs: list[dict], method: str = "lorapro") -> tuple[list[float], 
 
 
 def _paired(runs: list[dict], a: str, b: str) -> list[float]:
-    by = {(r["method"], r["config"]["seed"]): _metric(r) for r in runs}
+    by = _by_method_seed(runs)
     return [by[a, s] - by[b, s] for (m, s) in sorted(by) if m == a and (b, s) in by]
 
 

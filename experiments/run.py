@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from lorapro.cli.compare import metric_key
+
 HERE = Path(__file__).resolve().parent
 RESULTS = Path(os.environ.get("LORAPRO_RESULTS", HERE / "results"))  # tests point this elsewhere
 
@@ -64,7 +66,7 @@ SMOKE = dict(steps=3, batch=4, val=8, max_train=32, max_eval=8, lrs=[1e-3], seed
 
 
 def _metric(m: dict) -> float:
-    return m["eval_accuracy"] if "eval_accuracy" in m else m["eval_exact_match"]
+    return m[metric_key(m)]
 
 
 def write_splits(name: str, exp: dict, smoke: bool) -> dict[str, Path]:

@@ -76,6 +76,11 @@ class DTensorPairs:
 
         return isinstance(t.placements[0], Shard)
 
+    def _shard_numel(self, full: Tensor, rank: int) -> int:
+        """How many elements of ``full`` (sharded on dim 0) ``rank`` holds."""
+        start, stop = chunk_rows(full.shape[0], self.world, rank)
+        return (stop - start) * math.prod(full.shape[1:])
+
     def shadow(self, pair: LoRAPair) -> LoRAPair:
         s = self._shadows.get(id(pair.B))
         if s is None:
@@ -115,11 +120,7 @@ class DTensorPairs:
             else:
                 dst.copy_(src.to_local())
         for dtype, group_items in by_dtype.items():
-            sizes = [
-                sum((lambda a, b: (b - a) * math.prod(dst.shape[1:]))(*chunk_rows(dst.shape[0], self.world, k))
-                    for _, dst in group_items)
-                for k in range(self.world)
-            ]
+            sizes = [sum(self._shard_numel(dst, k) for _, dst in group_items) for k in range(self.world)]
             device = group_items[0][1].device
             flat = torch.zeros(max(sizes), dtype=dtype, device=device)
             offset = 0
@@ -137,11 +138,10 @@ class DTensorPairs:
             dist.all_gather(pieces, flat, group=self.group)
             offsets = [0] * self.world
             for _, dst in group_items:
-                row = math.prod(dst.shape[1:])
                 for k in range(self.world):
                     start, stop = chunk_rows(dst.shape[0], self.world, k)
-                    n = (stop - start) * row
-                    dst[start:stop].copy_(pieces[k][offsets[k] : offsets[k] + n].view(stop - start, *dst.shape[1:]))
+                    n = self._shard_numel(dst, k)
+                    dst[start:stop].copy_(pieces[k][offsets[k] : offsets[k] + n].view_as(dst[start:stop]))
                     offsets[k] += n
         return shadows
 

@@ -97,7 +97,6 @@ class GradientDiagnostics:
         self.every = every
         self.records: list[dict[str, Any]] = []
         self._handles: list[Any] = []
-        self._restore: list[Tensor] = []
         self._pending: list[tuple[Tensor, dict[str, Any]]] = []
         self._step: int | None = None
 
@@ -117,13 +116,10 @@ class GradientDiagnostics:
         by_weight: dict[int, list[LoRAPair]] = {}
         for p in self.pairs:
             by_weight.setdefault(id(p.base_weight), []).append(p)
-        self._pending = []
         for pairs in by_weight.values():
             w = pairs[0].base_weight
             frozen = not w.requires_grad
-            if frozen:
-                w.requires_grad_(True)
-                self._restore.append(w)
+            w.requires_grad_(True)
             entry = {"pairs": pairs, "count": 0, "done": False, "frozen": frozen}
             self._pending.append((w, entry))
 
@@ -150,10 +146,11 @@ class GradientDiagnostics:
                 self._finish(w, entry)
         for h in self._handles:
             h.remove()
-        for w in self._restore:
-            w.requires_grad_(False)
-            w.grad = None
-        self._handles, self._restore, self._pending, self._step = [], [], [], None
+        for w, entry in self._pending:
+            if entry["frozen"]:
+                w.requires_grad_(False)
+                w.grad = None
+        self._handles, self._pending, self._step = [], [], None
 
     @contextlib.contextmanager
     def watch(self, step: int, micro_batches: int = 1) -> Iterator[bool]:

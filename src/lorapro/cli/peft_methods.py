@@ -29,7 +29,6 @@ All four are replicated under ``torchrun`` (like the AdamW baselines): only the 
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import warnings
@@ -183,7 +182,6 @@ def save_as_lora(model: nn.Module, directory: str | Path) -> None:
     save_file(state, weights, metadata={"format": "pt"})
     config_file = directory / "adapter_config.json"
     config = json.loads(config_file.read_text())
-    config = copy.deepcopy(config)
     config["r"] = 2 * int(config["r"])
     config["lora_alpha"] = config["lora_alpha"] * (math.sqrt(2) if config.get("use_rslora") else 2)
     for key in ("rank_pattern", "alpha_pattern"):
