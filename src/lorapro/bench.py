@@ -94,17 +94,17 @@ def peak_extra_bytes(fn: Callable[[], Any], device: torch.device) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    # Each op's self memory is what it allocated minus what it freed (an output that stays alive counts when
-    # the op ends); "[memory]" events are allocations and frees outside any op (mostly frees of dropped
-    # temporaries). Their running sum in time order is the memory the step added; its maximum is the peak.
-    deltas = []
-    for e in prof.events():
-        if e.name == "[memory]":
-            deltas.append((e.time_range.start, e.cpu_memory_usage))
-        elif e.self_cpu_memory_usage:
-            deltas.append((e.time_range.end, e.self_cpu_memory_usage))
+    # With profile_memory the CPU allocator reports every allocation (+bytes) and free (-bytes) as a
+    # "[memory]" event, inside ops as well as between them; their running sum in time order is the memory the
+    # step added, and its maximum is the peak. (Summing each op's net self memory at its end instead misses
+    # what an op allocates and frees inside itself, and misplaces frees in time.)
+    deltas = [
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    ]
     live = peak = 0
-    for _, d in sorted(deltas, key=lambda x: x[0]):
+    for _, d in sorted(deltas):
         live += d
         peak = max(peak, live)
     return peak

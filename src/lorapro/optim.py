@@ -150,11 +150,13 @@ _WORKSPACE_BLOCKS = {"full": 1, "bf16": 5, "factored": 2}
 
 
 def _block_rows(m: int, n: int, device: torch.device, moments: str) -> int:
-    """Rows per block of the Adam pass. CPU: blocks that stay in cache. Accelerators: as few blocks as keep
-    the whole workspace within one m x n float32 matrix per shape (one block for the default moments)."""
+    """Rows per block of the Adam pass: never more than keep the whole workspace within one m x n float32
+    matrix per shape; on accelerators that many (one block for the default moments), on CPU blocks that also
+    stay in cache."""
+    within = max(1, m // _WORKSPACE_BLOCKS[moments])
     if device.type == "cpu":
-        return max(1, min(m, _CPU_BLOCK_ELEMENTS // n))
-    return max(1, m // _WORKSPACE_BLOCKS[moments])
+        return max(1, min(within, _CPU_BLOCK_ELEMENTS // n))
+    return within
 
 
 class _Workspace:
@@ -182,14 +184,18 @@ class _Workspace:
         return self.noise[offset : offset + k].view(like.shape)
 
 
-def stochastic_round_to_bf16_(dst: Tensor, src: Tensor, noise: Tensor | None = None) -> None:
+def stochastic_round_to_bf16_(
+    dst: Tensor, src: Tensor, noise: Tensor | None = None, scratch: Tensor | None = None
+) -> None:
     """Round float32 ``src`` into bfloat16 ``dst`` stochastically: up with probability equal to the discarded
     fraction, so the stored value is unbiased (``E[dst] = src``) and small Adam updates are not lost.
-    ``noise``: int32 values uniform in [0, 2^16) shaped like ``src`` (drawn here when not given)."""
+    ``noise``: int32 values uniform in [0, 2^16) shaped like ``src`` (drawn here when not given);
+    ``scratch``: a 4-byte buffer shaped like ``src`` to work in (allocated when not given)."""
     bits = (src if src.dtype == torch.float32 else src.float()).view(torch.int32)
     if noise is None:
         noise = torch.randint_like(bits, 0, 1 << 16)
-    dst.copy_(bits.add(noise).bitwise_and_(-65536).view(torch.float32))
+    out = None if scratch is None else scratch.view(torch.int32)
+    dst.copy_(torch.add(bits, noise, out=out).bitwise_and_(-65536).view(torch.float32))
 
 
 def _adam_on_equivalent_gradient(
@@ -217,9 +223,9 @@ def _adam_on_equivalent_gradient(
         G = torch.mm(left[r0:r1], right, out=w)
         Mb.lerp_(G, 1.0 - beta1)
         Vb.mul_(beta2).addcmul_(G, G, value=1.0 - beta2)
-        if low:
-            stochastic_round_to_bf16_(M[r0:r1], Mb, ws.noise_for(Mb))
-            stochastic_round_to_bf16_(V[r0:r1], Vb, ws.noise_for(Vb))
+        if low:  # G is spent: its block is the rounding's scratch
+            stochastic_round_to_bf16_(M[r0:r1], Mb, ws.noise_for(Mb), scratch=w)
+            stochastic_round_to_bf16_(V[r0:r1], Vb, ws.noise_for(Vb), scratch=w)
         U = torch.div(Mb, torch.sqrt(Vb, out=w).add_(eps), out=w)
         gA_out.addmm_(B[r0:r1].mT, U)
         torch.mm(U, A.mT, out=gB_out[r0:r1])
