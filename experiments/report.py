@@ -143,6 +143,8 @@ def rank_table(name: str) -> str:
     runs = load(name, "rank")
     if not runs:
         return "_no rank ablation yet_\n"
+    base = {r["method"] for r in runs}  # rank 8 is the `final` run itself (run.py reuses it)
+    runs += [r for r in load(name, "final") if r["method"] in base and r["config"]["rank"] == 8]
     lines = ["| method | rank 8 | rank 32 |", "|---|---|---|"]
     for method in sorted({r["method"] for r in runs}, key=METHODS.index):
         cells = [_ms([_metric(r) for r in runs if r["method"] == method and r["config"]["rank"] == k]) for k in (8, 32)]

@@ -207,8 +207,12 @@ def main(argv: list[str] | None = None) -> None:
             for rank in (8, 32):
                 for seed in seeds:
                     for method in methods:
-                        run_one(args.experiment, exp, "rank", method, lr=lr, seed=seed, rank=rank, split="test",
-                                diagnostics=None, **common)
+                        # the experiment's own rank is the `final` run itself (same configuration): reuse it
+                        same = rank == exp["rank"] and not args.smoke
+                        run_one(args.experiment, exp, "final" if same else "rank", method, lr=lr, seed=seed,
+                                rank=rank, split="test",
+                                diagnostics=exp["diagnostics_every"] if same and method in DIAGNOSE else None,
+                                **common)
 
 
 if __name__ == "__main__":
