@@ -129,3 +129,25 @@ def test_measured_step_memory_is_at_most_one_weight_matrix(moments):
     peak = peak_extra_bytes(opt.step, torch.device("cpu"))
     rank_sized = 16 * layers * r * (m + n) * 4  # stacked factors, gradients, X, products (measured: ~8 each)
     assert peak <= 4 * m * n + rank_sized, (moments, peak / 2**20)
+
+
+def test_step_memory_does_not_grow_with_the_number_of_layers():
+    """Layers of one shape are stepped in chunks: the rank-sized stacks of 48 layers cost what 16 cost."""
+    from lorapro.bench import peak_extra_bytes
+
+    def peak(layers: int) -> int:
+        torch.manual_seed(0)
+        m = n = 512
+        r = 8
+        pairs = []
+        for _ in range(layers):
+            A = torch.nn.Parameter(torch.randn(r, n) / n**0.5)
+            B = torch.nn.Parameter(torch.randn(m, r) / m**0.5)
+            A.grad, B.grad = torch.randn(r, n), torch.randn(m, r)
+            pairs.append((A, B, 2.0))
+        opt = lorapro.LoRAProAdamW(pairs, lr=1e-4)
+        opt.step()
+        return peak_extra_bytes(opt.step, torch.device("cpu"))
+
+    few, many = peak(16), peak(48)
+    assert many <= 1.25 * few, (few / 2**20, many / 2**20)

@@ -121,12 +121,26 @@ def _stack_pairs(pairs: Sequence[LoRAPair]) -> _PairBatch:
     return _PairBatch(A, B, gA, gB, scale)
 
 
+# A step keeps about this many rank-sized (L, r, m + n) stacks of a bucket alive at once (measured with the
+# allocator's events: the stacked factors and gradients, the adjusted gradients, the products' temporaries).
+_LIVE_STACKS = 16
+# Buckets of small layers may stack this much regardless of their m x n (their batching is what makes them fast).
+_MIN_STACK_ELEMENTS = 1 << 21
+
+
 def _bucket_pairs(pairs: Iterable[LoRAPair]) -> list[list[LoRAPair]]:
-    """Group pairs whose matrix views share shape, dtype and device, so their r x r algebra is batched."""
+    """Group pairs whose matrix views share shape, dtype and device, so their r x r algebra is batched; split
+    a group into chunks whose rank-sized stacks stay within one m x n matrix (so the step's transient memory
+    does not grow with the number of layers)."""
     buckets: dict[tuple[Any, ...], list[LoRAPair]] = {}
     for p in pairs:
         buckets.setdefault((p.rank, *p.shape, p.A.dtype, p.A.device), []).append(p)
-    return list(buckets.values())
+    out = []
+    for (r, m, n, *_), bucket in buckets.items():
+        per_layer = _LIVE_STACKS * max(r, 1) * (m + n)
+        size = max(1, max(m * n, _MIN_STACK_ELEMENTS) // per_layer)
+        out += [bucket[i : i + size] for i in range(0, len(bucket), size)]
+    return out
 
 
 def _apply_update(pairs: Sequence[LoRAPair], batch: _PairBatch, a: Tensor, b: Tensor, lr: float, wd: float) -> None:
