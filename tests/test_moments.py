@@ -110,21 +110,26 @@ def test_workspace_is_at_most_one_weight_matrix_per_shape():
                     assert total <= 4 * (5 * (1 << 19) + 6 * n), (m, n, moments, total)
 
 
-@pytest.mark.parametrize("moments", ["full", "bf16", "factored"])
-def test_measured_step_memory_is_at_most_one_weight_matrix(moments):
-    """The same bound measured: the allocator's peak during a CPU step (after the first, which creates the
-    moments), for three layers of one shape, stays within one m x n float32 matrix plus rank-sized buffers."""
-    from lorapro.bench import peak_extra_bytes
-
+def _random_pairs(layers: int, m: int, n: int, r: int) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+    """``layers`` LoRA pairs of one shape with random factors and gradients (seed 0)."""
     torch.manual_seed(0)
-    m, n, r, layers = 1024, 768, 4, 3
     pairs = []
     for _ in range(layers):
         A = torch.nn.Parameter(torch.randn(r, n) / n**0.5)
         B = torch.nn.Parameter(torch.randn(m, r) / m**0.5)
         A.grad, B.grad = torch.randn(r, n), torch.randn(m, r)
         pairs.append((A, B, 2.0))
-    opt = lorapro.LoRAProAdamW(pairs, lr=1e-4, moments=moments)
+    return pairs
+
+
+@pytest.mark.parametrize("moments", ["full", "bf16", "factored"])
+def test_measured_step_memory_is_at_most_one_weight_matrix(moments):
+    """The same bound measured: the allocator's peak during a CPU step (after the first, which creates the
+    moments), for three layers of one shape, stays within one m x n float32 matrix plus rank-sized buffers."""
+    from lorapro.bench import peak_extra_bytes
+
+    m, n, r, layers = 1024, 768, 4, 3
+    opt = lorapro.LoRAProAdamW(_random_pairs(layers, m, n, r), lr=1e-4, moments=moments)
     opt.step()
     peak = peak_extra_bytes(opt.step, torch.device("cpu"))
     rank_sized = 16 * layers * r * (m + n) * 4  # stacked factors, gradients, X, products (measured: ~8 each)
@@ -136,16 +141,7 @@ def test_step_memory_does_not_grow_with_the_number_of_layers():
     from lorapro.bench import peak_extra_bytes
 
     def peak(layers: int) -> int:
-        torch.manual_seed(0)
-        m = n = 512
-        r = 8
-        pairs = []
-        for _ in range(layers):
-            A = torch.nn.Parameter(torch.randn(r, n) / n**0.5)
-            B = torch.nn.Parameter(torch.randn(m, r) / m**0.5)
-            A.grad, B.grad = torch.randn(r, n), torch.randn(m, r)
-            pairs.append((A, B, 2.0))
-        opt = lorapro.LoRAProAdamW(pairs, lr=1e-4)
+        opt = lorapro.LoRAProAdamW(_random_pairs(layers, 512, 512, 8), lr=1e-4)
         opt.step()
         return peak_extra_bytes(opt.step, torch.device("cpu"))
 
