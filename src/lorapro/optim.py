@@ -130,8 +130,9 @@ _MIN_STACK_ELEMENTS = 1 << 21
 
 def _bucket_pairs(pairs: Iterable[LoRAPair]) -> list[list[LoRAPair]]:
     """Group pairs whose matrix views share shape, dtype and device, so their r x r algebra is batched; split
-    a group into chunks whose rank-sized stacks stay within one m x n matrix (so the step's transient memory
-    does not grow with the number of layers)."""
+    a group into chunks whose rank-sized stacks stay within half an m x n matrix (measured: the constant below
+    is twice the stacks alive at the peak), so the step's transient memory does not grow with the number of
+    layers."""
     buckets: dict[tuple[Any, ...], list[LoRAPair]] = {}
     for p in pairs:
         buckets.setdefault((p.rank, *p.shape, p.A.dtype, p.A.device), []).append(p)
@@ -164,10 +165,10 @@ _WORKSPACE_BLOCKS = {"full": 1, "bf16": 5, "factored": 2}
 
 
 def _block_rows(m: int, n: int, device: torch.device, moments: str) -> int:
-    """Rows per block of the Adam pass: never more than keep the whole workspace within one m x n float32
-    matrix per shape; on accelerators that many (one block for the default moments), on CPU blocks that also
-    stay in cache."""
-    within = max(1, m // _WORKSPACE_BLOCKS[moments])
+    """Rows per block of the Adam pass: never more than keep the whole workspace within half an m x n
+    float32 matrix per shape (the rank-sized stacks of :func:`_bucket_pairs` take at most the other half);
+    on accelerators that many (two blocks for the default moments), on CPU blocks that also stay in cache."""
+    within = max(1, m // (2 * _WORKSPACE_BLOCKS[moments]))
     if device.type == "cpu":
         return max(1, min(within, _CPU_BLOCK_ELEMENTS // n))
     return within
