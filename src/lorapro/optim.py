@@ -9,6 +9,7 @@ belong to no pair are trained with plain AdamW (or SGD) in the same step.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -117,8 +118,14 @@ def _stack_pairs(pairs: Sequence[LoRAPair]) -> _PairBatch:
     B = torch.stack([p.B_matrix() for p in pairs]).to(ct)
     gA = torch.stack([p.A_matrix(grad_or_zeros(p.A)) for p in pairs]).to(ct)
     gB = torch.stack([p.B_matrix(grad_or_zeros(p.B)) for p in pairs]).to(ct)
-    scale = torch.tensor([p.scale for p in pairs], dtype=ct, device=A.device)
-    return _PairBatch(A, B, gA, gB, scale)
+    return _PairBatch(A, B, gA, gB, _scales(tuple(p.scale for p in pairs), ct, A.device))
+
+
+@functools.lru_cache(maxsize=256)
+def _scales(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The scales as a tensor on ``device``, made once: a host-to-device copy every step would make the host
+    wait for the device (never written to)."""
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 # A step keeps about this many rank-sized (L, r, m + n) stacks of a bucket alive at once (measured with the
@@ -263,7 +270,7 @@ def _factored_pass(
         R[r0:r1].mul_(beta2).add_(G2.mean(dim=1), alpha=1.0 - beta2)
         col.add_(G2.sum(dim=0))
     C.mul_(beta2).add_(col, alpha=(1.0 - beta2) / m)
-    inv_mean_R = 1.0 / max(float(R.mean()), torch.finfo(R.dtype).tiny)
+    inv_mean_R = R.mean().clamp_min(torch.finfo(R.dtype).tiny).reciprocal()  # a tensor: the host need not wait
     for r0 in range(0, m, ws.rows):
         r1 = min(m, r0 + ws.rows)
         w = ws.work[: r1 - r0]
@@ -652,7 +659,7 @@ class LoRAProAdamW(_LoRAProOptimizer):
             )
             # U = (M / bc1) / (sqrt(V / bc2) + eps) = (sqrt(bc2) / bc1) * M / (sqrt(V) + eps sqrt(bc2)):
             # the constant and s are applied to the r-sized results, not to an m x n matrix.
-            c = float(batch.scale[i]) * math.sqrt(bc2) / bc1
+            c = pair.scale * math.sqrt(bc2) / bc1  # the Python float: reading batch.scale would wait for the device
             gA_adam[i].mul_(c)
             gB_adam[i].mul_(c)
         a, b = adjusted_lora_gradients(
