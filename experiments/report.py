@@ -229,12 +229,21 @@ def diagnostics_summary(name: str) -> str:
     return "\n".join(head + lines) + "\n"
 
 
+def base_line(name: str) -> str | None:
+    f = RESULTS / name / ("base" + SUFFIX) / "metrics.json"
+    if not f.exists():
+        return None
+    m = json.loads(f.read_text())
+    return f"The untrained model scores {_metric(m):.3f} on the test split (`run.py base {name}`).\n"
+
+
 def generated(name: str) -> str:
     exp = EXPERIMENTS[name]
     parts = [
         f"Model `{exp['model']}`, data `{exp['train']}`; {exp['steps']} steps x batch {exp['batch']}, max length "
         f"{exp['max_length']}, rank {exp['rank']} (alpha {exp['alpha']}), cosine schedule, 3% warm-up.",
         "",
+        base_line(name),
         "Learning-rate sweep (validation split carved from the training rows; seed 0):",
         "",
         sweep_table(name),

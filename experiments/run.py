@@ -13,6 +13,7 @@ Protocol (the paper's: one learning rate for all methods):
   * ``final``: every method, several seeds. ``rank``: LoRA and LoRA-Pro at ranks 8 and 32. X's ablation is
     ``lorapro`` (Sylvester X) against ``lorapro-zero`` (X = 0) in ``final``.
   * ``tuned`` (secondary, not the paper's rule): full, LoRA and LoRA-Pro each at its own best validation lr.
+  * ``base``: the untrained model on the test split (``lorapro eval``), what the runs start from.
 
     python experiments/run.py sweep rt                 # lr sweep on validation
     python experiments/run.py final rt                 # all methods x 3 seeds at the chosen lr, on test
@@ -141,6 +142,31 @@ def run_one(name: str, exp: dict, phase: str, method: str, *, lr: float, seed: i
     return m
 
 
+def run_base(name: str, exp: dict, *, smoke: bool, threads: int | None) -> dict:
+    """The untrained model scored on the test split (``lorapro eval``): what training starts from."""
+    dest = RESULTS / name / ("base" + ("-smoke" if smoke else "")) / "metrics.json"
+    if dest.exists():
+        return json.loads(dest.read_text())
+    paths = write_splits(name, exp, smoke)
+    task = (paths["train"].parent / "task").read_text()
+    cmd = [sys.executable, "-m", "lorapro", "eval", "--model", exp["model"], "--task", task, "--train",
+           str(paths["train"]), "--eval", str(paths["test"]), "--max-length", str(exp["max_length"])]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"base eval of {name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    words = proc.stdout.strip().splitlines()[-1].split()  # "eval_exact_match 0.1234 eval_loss 1.2345"
+    m = {k: float(v) for k, v in zip(words[::2], words[1::2])}
+    m["method"] = "base"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".tmp")
+    tmp.write_text(json.dumps(m, indent=1))
+    os.replace(tmp, dest)
+    print(f"[{name}/base] {_metric(m):.4f}", flush=True)
+    return m
+
+
 def best_lr(name: str, method: str, smoke: bool) -> float:
     """The sweep's learning rate with the best validation score for ``method`` alone."""
     d = RESULTS / name / ("sweep" + ("-smoke" if smoke else ""))
@@ -168,7 +194,7 @@ def chosen_lr(name: str, smoke: bool) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["sweep", "final", "tuned", "rank", "all"])
+    ap.add_argument("phase", choices=["sweep", "final", "tuned", "rank", "base", "all"])
     ap.add_argument("experiment", choices=sorted(EXPERIMENTS))
     ap.add_argument("--methods", help="comma-separated subset (default: the phase's)")
     ap.add_argument("--seeds", help="comma-separated seeds (default: the experiment's)")
@@ -183,6 +209,9 @@ def main(argv: list[str] | None = None) -> None:
     phases = ["sweep", "final", "tuned", "rank"] if args.phase == "all" else [args.phase]
     common = dict(smoke=args.smoke, threads=args.threads)
     for phase in phases:
+        if phase == "base":
+            run_base(args.experiment, exp, **common)
+            continue
         if phase == "sweep":
             methods = args.methods.split(",") if args.methods else SWEEP_METHODS
             for lr in exp["lrs"]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -28,9 +29,13 @@ def test_run_and_report_smoke(tmp_path):
     assert not (results / "rt" / "final-smoke" / "full-lr0.001-r8-s0" / "diagnostics.json").exists()
     _run(["experiments/run.py", "tuned", "rt", "--smoke", "--methods", "lora", "--threads", "1"], results)
     assert (results / "rt" / "tuned-smoke" / "lora-lr0.001-r8-s0" / "metrics.json").is_file()
+    _run(["experiments/run.py", "base", "rt", "--smoke", "--threads", "1"], results)
+    base = json.loads((results / "rt" / "base-smoke" / "metrics.json").read_text())
+    assert base["method"] == "base" and 0.0 <= base["eval_accuracy"] <= 1.0
     # cached: a second call runs nothing
     again = _run(["experiments/run.py", "final", "rt", "--smoke", "--methods", "lora", "--threads", "1"], results)
     assert "..." not in again
     report = _run(["experiments/report.py", "--smoke", "--plots", str(tmp_path / "plots")], results)
     assert "| lorapro |" in report and "Gap closed by LoRA-Pro" in report
+    assert "The untrained model scores" in report
     assert (tmp_path / "plots" / "rt_methods.png").is_file() and (tmp_path / "plots" / "rt_diagnostics.png").is_file()
