@@ -18,7 +18,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import EXPERIMENTS, METHODS, RESULTS, _metric  # noqa: E402
+from run import EXPERIMENTS, METHODS, RESULTS, SWEEP_METHODS, _metric, best_lr  # noqa: E402
 
 DOCS = HERE.parent / "docs"
 PLOTS = DOCS / "results"
@@ -91,8 +91,22 @@ def sweep_table(name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def load_tuned(name: str) -> list[dict]:
+    """The ``tuned`` runs, and the ``final`` runs of the methods whose best validation lr is the shared one
+    (run.py reuses those instead of repeating them)."""
+    runs = load(name, "tuned")
+    if not runs:
+        return runs
+    have = {r["method"] for r in runs}
+    for r in load(name, "final"):
+        m = r["method"]
+        if m not in have and m in SWEEP_METHODS and r["config"]["lr"] == best_lr(name, m, SUFFIX == "-smoke"):
+            runs.append(r)
+    return runs
+
+
 def final_table(name: str, phase: str = "final") -> str:
-    runs = load(name, phase)
+    runs = load_tuned(name) if phase == "tuned" else load(name, phase)
     if not runs:
         return f"_no {phase} results yet_\n"
     metric = "accuracy" if "eval_accuracy" in runs[0] else "exact match"

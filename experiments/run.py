@@ -224,8 +224,14 @@ def main(argv: list[str] | None = None) -> None:
             methods = args.methods.split(",") if args.methods else SWEEP_METHODS
             for seed in seeds:
                 for method in methods:
-                    run_one(args.experiment, exp, "tuned", method, lr=best_lr(args.experiment, method, args.smoke),
-                            seed=seed, rank=exp["rank"], split="test", diagnostics=None, **common)
+                    lr = best_lr(args.experiment, method, args.smoke)
+                    if lr == chosen_lr(args.experiment, args.smoke):  # the `final` run itself: reuse it
+                        diag = exp["diagnostics_every"] if method in DIAGNOSE else None
+                        run_one(args.experiment, exp, "final", method, lr=lr, seed=seed, rank=exp["rank"],
+                                split="test", diagnostics=diag, **common)
+                    else:
+                        run_one(args.experiment, exp, "tuned", method, lr=lr, seed=seed, rank=exp["rank"],
+                                split="test", diagnostics=None, **common)
             continue
         lr = args.lr if args.lr is not None else chosen_lr(args.experiment, args.smoke)
         if phase == "final":
