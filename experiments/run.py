@@ -142,6 +142,15 @@ def run_one(name: str, exp: dict, phase: str, method: str, *, lr: float, seed: i
     return m
 
 
+def run_final(name: str, exp: dict, method: str, *, lr: float, seed: int, rank: int, smoke: bool,
+              threads: int | None) -> dict:
+    """The ``final`` run of one configuration (on test; diagnostics for the methods in DIAGNOSE). The ``tuned``
+    and ``rank`` phases call it for their configurations that are a final run, so none is run twice."""
+    diagnostics = exp["diagnostics_every"] if method in DIAGNOSE else None
+    return run_one(name, exp, "final", method, lr=lr, seed=seed, rank=rank, split="test", diagnostics=diagnostics,
+                   smoke=smoke, threads=threads)
+
+
 def run_base(name: str, exp: dict, *, smoke: bool, threads: int | None) -> dict:
     """The untrained model scored on the test split (``lorapro eval``): what training starts from."""
     dest = RESULTS / name / ("base" + ("-smoke" if smoke else "")) / "metrics.json"
@@ -222,15 +231,14 @@ def main(argv: list[str] | None = None) -> None:
             continue
         if phase == "tuned":  # a secondary view: each sweep method at its own best validation lr
             methods = args.methods.split(",") if args.methods else SWEEP_METHODS
+            shared = chosen_lr(args.experiment, args.smoke)
+            best = {method: best_lr(args.experiment, method, args.smoke) for method in methods}
             for seed in seeds:
                 for method in methods:
-                    lr = best_lr(args.experiment, method, args.smoke)
-                    if lr == chosen_lr(args.experiment, args.smoke):  # the `final` run itself: reuse it
-                        diag = exp["diagnostics_every"] if method in DIAGNOSE else None
-                        run_one(args.experiment, exp, "final", method, lr=lr, seed=seed, rank=exp["rank"],
-                                split="test", diagnostics=diag, **common)
+                    if best[method] == shared:  # the `final` run itself
+                        run_final(args.experiment, exp, method, lr=shared, seed=seed, rank=exp["rank"], **common)
                     else:
-                        run_one(args.experiment, exp, "tuned", method, lr=lr, seed=seed, rank=exp["rank"],
+                        run_one(args.experiment, exp, "tuned", method, lr=best[method], seed=seed, rank=exp["rank"],
                                 split="test", diagnostics=None, **common)
             continue
         lr = args.lr if args.lr is not None else chosen_lr(args.experiment, args.smoke)
@@ -238,20 +246,17 @@ def main(argv: list[str] | None = None) -> None:
             methods = args.methods.split(",") if args.methods else METHODS
             for seed in seeds:
                 for method in methods:
-                    diag = exp["diagnostics_every"] if method in DIAGNOSE else None
-                    run_one(args.experiment, exp, "final", method, lr=lr, seed=seed, rank=exp["rank"], split="test",
-                            diagnostics=diag, **common)
+                    run_final(args.experiment, exp, method, lr=lr, seed=seed, rank=exp["rank"], **common)
         else:
             methods = args.methods.split(",") if args.methods else ["lora", "lorapro"]
             for rank in (8, 32):
                 for seed in seeds:
                     for method in methods:
-                        # the experiment's own rank is the `final` run itself (same configuration): reuse it
-                        same = rank == exp["rank"] and not args.smoke
-                        run_one(args.experiment, exp, "final" if same else "rank", method, lr=lr, seed=seed,
-                                rank=rank, split="test",
-                                diagnostics=exp["diagnostics_every"] if same and method in DIAGNOSE else None,
-                                **common)
+                        if rank == exp["rank"]:  # the `final` run itself
+                            run_final(args.experiment, exp, method, lr=lr, seed=seed, rank=rank, **common)
+                        else:
+                            run_one(args.experiment, exp, "rank", method, lr=lr, seed=seed, rank=rank, split="test",
+                                    diagnostics=None, **common)
 
 
 if __name__ == "__main__":

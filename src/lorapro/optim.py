@@ -128,7 +128,7 @@ def _scales(values: tuple[float, ...], dtype: torch.dtype, device: torch.device)
     return torch.tensor(values, dtype=dtype, device=device)
 
 
-# A step keeps about this many rank-sized (L, r, m + n) stacks of a bucket alive at once (measured with the
+# Twice the rank-sized (L, r, m + n) stacks of a bucket a step keeps alive at once (8, measured with the
 # allocator's events: the stacked factors and gradients, the adjusted gradients, the products' temporaries).
 _LIVE_STACKS = 16
 # Buckets of small layers may stack this much regardless of their m x n (their batching is what makes them fast).
