@@ -14,6 +14,7 @@ import json
 import re
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -276,11 +277,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--print", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="report the --smoke runs (implies --print)")
-    ap.add_argument("--plots", help="directory for the plots (default docs/results)")
+    ap.add_argument("--plots", help="directory for the plots (default docs/results; with --smoke a temporary one)")
     args = ap.parse_args()
     global SUFFIX, PLOTS
-    if args.smoke:
+    if args.smoke:  # smoke plots never replace the committed ones
         SUFFIX, args.print = "-smoke", True
+        PLOTS = Path(tempfile.mkdtemp(prefix="lorapro-smoke-plots-"))
     if args.plots:
         PLOTS = Path(args.plots)
     names = [n for n in EXPERIMENTS if (RESULTS / n).exists()]
