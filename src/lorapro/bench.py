@@ -140,6 +140,8 @@ def candidates(layers: Layers, which: list[str]) -> dict[str, Callable[[], Any] 
     for moments in ("bf16", "factored", "efficient"):
         if f"lorapro-{moments}" in which:
             out[f"lorapro-{moments}"] = lorapro.LoRAProAdamW(layers.pairs(), lr=lr, moments=moments).step
+    if "lorapro-fused" in which:  # the first (warm-up) step compiles the fused pass
+        out["lorapro-fused"] = lorapro.LoRAProAdamW(layers.pairs(), lr=lr, fused=True).step
     if "paper-literal" in which:
         path = Path(__file__).resolve().parents[2] / "benchmarks" / "paper_step.py"
         if path.is_file():
@@ -211,6 +213,7 @@ def _peer(layers: Layers, lr: float) -> Callable[[], Any] | str:
 
 ALL = ["lorapro", "paper-literal", "lora-pro-adamw", "adamw-lora", "adamw-full", "floor-traffic", "floor-products"]
 MEMORY_OPTIONS = ["lorapro-bf16", "lorapro-factored", "lorapro-efficient"]
+FUSED = ["lorapro-fused"]  # LoRAProAdamW(fused=True): the torch.compile'd Adam pass
 
 
 def _state_bytes(optimizer: Any) -> float:
@@ -283,6 +286,8 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         floor = by["floor-traffic"]["median_ms"] + by["floor-products"]["median_ms"]
         lines.append("")
         lines.append(f"lorapro / (traffic floor + products floor) = {ours['median_ms'] / floor:.2f}   (target <= 1.2)")
+        if "lorapro-fused" in by:
+            lines.append(f"lorapro-fused / (the same floor)           = {by['lorapro-fused']['median_ms'] / floor:.2f}")
     if ours and "adamw-full" in by:
         lines.append(f"lorapro / full fine-tuning AdamW step      = {ours['median_ms'] / by['adamw-full']['median_ms']:.2f}"
                      "   (target <= 0.5)")
@@ -303,6 +308,6 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--rounds", type=int, default=5, help="round-robin passes over the candidates")
     p.add_argument("--literal-repeats", type=int, default=1, help="repeats per round for the slow literal baseline")
     p.add_argument("--only", type=lambda s: [x.strip() for x in s.split(",")], default=None,
-                   help=f"comma-separated, from {', '.join(ALL + MEMORY_OPTIONS)} (default: the first seven)")
+                   help=f"comma-separated, from {', '.join(ALL + MEMORY_OPTIONS + FUSED)} (default: the first seven)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     return p

@@ -27,6 +27,10 @@ from .pairs import LoRAPair, find_lora_pairs, split_trainable
 __all__ = ["MOMENT_MODES", "LoRAProAdamW", "LoRAProSGD"]
 
 MOMENT_MODES = ("full", "bf16", "factored", "efficient")
+# The modes whose Adam pass ``fused=True`` compiles into one loop. Not bf16: inductor's CPU code moves the
+# stochastic rounding's bit casts through memory element by element, and that compiled pass was slower than
+# the unfused one in a one-block timing here.
+FUSED_MOMENT_MODES = ("full",)
 
 ParamsLike = nn.Module | Iterable[Any]
 
@@ -216,13 +220,29 @@ def stochastic_round_to_bf16_(
     bits = (src if src.dtype == torch.float32 else src.float()).view(torch.int32)
     if noise is None:
         noise = torch.randint_like(bits, 0, 1 << 16)
-    out = None if scratch is None else scratch.view(torch.int32)
+    # (a float64 scratch holds twice the int32 elements needed: use its first half)
+    out = None if scratch is None else scratch.view(torch.int32).view(-1)[: bits.numel()].view(bits.shape)
     dst.copy_(torch.add(bits, noise, out=out).bitwise_and_(-65536).view(torch.float32))
+
+
+def _adam_block_(G: Tensor, M: Tensor, V: Tensor, beta1: float, beta2: float, eps: float) -> None:
+    """One block of the Adam pass in place, the form :func:`torch.compile` fuses into one loop:
+    ``M <- lerp(M, G, 1 - beta1)``, ``V <- beta2 V + (1 - beta2) G^2``, ``G <- M / (sqrt(V) + eps)``."""
+    M.lerp_(G, 1.0 - beta1)
+    V.mul_(beta2).addcmul_(G, G, value=1.0 - beta2)
+    G.copy_(M / (V.sqrt() + eps))
+
+
+@functools.cache
+def _compiled(fn: Callable[..., None]) -> Callable[..., None]:
+    """``fn`` compiled once per process (dynamic shapes: the last block of a layer and each layer shape reuse
+    the same kernel; the per-step ``eps`` is an argument, not a constant)."""
+    return torch.compile(fn, dynamic=True, fullgraph=True)
 
 
 def _adam_on_equivalent_gradient(
     left: Tensor, right: Tensor, B: Tensor, A: Tensor, state: dict[str, Tensor], ws: _Workspace,
-    gA_out: Tensor, gB_out: Tensor, *, beta1: float, beta2: float, eps: float,
+    gA_out: Tensor, gB_out: Tensor, *, beta1: float, beta2: float, eps: float, fused: bool = False,
 ) -> None:
     """Steps 2-3 of Algorithm 2 for one layer, up to a constant factor, block by block over rows.
 
@@ -241,6 +261,12 @@ def _adam_on_equivalent_gradient(
     for r0 in range(0, m, ws.rows):
         r1 = min(m, r0 + ws.rows)
         w = ws.work[: r1 - r0]
+        if fused:  # one pass over the block instead of six
+            G = torch.mm(left[r0:r1], right, out=w)
+            _compiled(_adam_block_)(G, M[r0:r1], V[r0:r1], beta1, beta2, eps)
+            gA_out.addmm_(B[r0:r1].mT, G)
+            torch.mm(G, A.mT, out=gB_out[r0:r1])
+            continue
         Mb, Vb = (ws.M[: r1 - r0].copy_(M[r0:r1]), ws.V[: r1 - r0].copy_(V[r0:r1])) if low else (M[r0:r1], V[r0:r1])
         G = torch.mm(left[r0:r1], right, out=w)
         Mb.lerp_(G, 1.0 - beta1)
@@ -562,6 +588,10 @@ class LoRAProAdamW(_LoRAProOptimizer):
         lr, betas, eps, weight_decay: as for :class:`torch.optim.AdamW` (weight decay is decoupled).
         x_mode: ``"sylvester"`` (default) or ``"zero"`` for step 4.
         moments: ``"full"`` (default), ``"bf16"``, ``"factored"`` or ``"efficient"`` (above).
+        fused: for ``"full"`` moments, run each block's elementwise Adam arithmetic as one loop compiled by
+            :func:`torch.compile` (C++ on CPU, Triton on GPU) instead of six PyTorch passes; the same
+            arithmetic, up to float rounding. The first step pays the compilation (seconds
+            to a minute; cached on disk afterwards) and needs a C++ compiler on CPU. Default ``False``.
         process_group: a ``ProcessGroup`` or 1-D ``DeviceMesh`` whose ranks hold the same parameters and
             the same (already averaged, e.g. by DDP) gradients. Each adapted layer then has one owner rank
             (largest layers first, to the least loaded rank) that keeps its m x n moments and computes its
@@ -579,6 +609,7 @@ class LoRAProAdamW(_LoRAProOptimizer):
         *,
         x_mode: str = "sylvester",
         moments: str = "full",
+        fused: bool = False,
         process_group: Any = None,
     ) -> None:
         _check_nonneg("learning rate", lr)
@@ -586,10 +617,10 @@ class LoRAProAdamW(_LoRAProOptimizer):
         _check_nonneg("epsilon value", eps)
         self._check_betas(betas)
         _check_x_mode(x_mode)
-        self._check_moments(moments)
+        self._check_moments(moments, fused)
         defaults = {
             "lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "x_mode": x_mode,
-            "moments": moments,
+            "moments": moments, "fused": fused,
         }
         super().__init__(params, defaults, process_group)
 
@@ -601,15 +632,20 @@ class LoRAProAdamW(_LoRAProOptimizer):
             raise ValueError(f"Invalid betas: {betas!r} (expected two numbers in [0, 1))")
 
     @staticmethod
-    def _check_moments(moments: Any) -> None:
+    def _check_moments(moments: Any, fused: Any = False) -> None:
         if moments not in MOMENT_MODES:
             raise ValueError(f"Invalid moments: {moments!r} (expected one of {', '.join(MOMENT_MODES)})")
+        if not isinstance(fused, bool):
+            raise ValueError(f"Invalid fused: {fused!r} (expected True or False)")
+        if fused and moments not in FUSED_MOMENT_MODES:
+            modes = " or ".join(map(repr, FUSED_MOMENT_MODES))
+            raise ValueError(f"fused=True is for moments {modes}, not {moments!r}")
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
         _check_nonneg("epsilon value", group["eps"])
         self._check_betas(group["betas"])
-        self._check_moments(group["moments"])
+        self._check_moments(group["moments"], group.get("fused", False))
 
     def _pair_state(self, pair: LoRAPair, dtype: torch.dtype, moments: str) -> dict[str, Any]:
         state = self.state[self._state_key(pair.B)]
@@ -647,6 +683,7 @@ class LoRAProAdamW(_LoRAProOptimizer):
         gB_adam = torch.empty_like(batch.B)
         m, n = pairs[0].shape
         rows = _block_rows(m, n, batch.A.device, moments)
+        fused = group.get("fused", False)  # state dicts saved before the option existed lack it
         work = _Workspace(rows, n, batch.A.dtype, batch.A.device, moments)
         for i, pair in enumerate(pairs):
             state = self._pair_state(pair, batch.A.dtype, moments)
@@ -655,7 +692,7 @@ class LoRAProAdamW(_LoRAProOptimizer):
             bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t
             _adam_on_equivalent_gradient(
                 left[i], right[i], batch.B[i], batch.A[i], state, work,
-                gA_adam[i], gB_adam[i], beta1=beta1, beta2=beta2, eps=group["eps"] * math.sqrt(bc2),
+                gA_adam[i], gB_adam[i], beta1=beta1, beta2=beta2, eps=group["eps"] * math.sqrt(bc2), fused=fused,
             )
             # U = (M / bc1) / (sqrt(V / bc2) + eps) = (sqrt(bc2) / bc1) * M / (sqrt(V) + eps sqrt(bc2)):
             # the constant and s are applied to the r-sized results, not to an m x n matrix.
