@@ -10,6 +10,9 @@ Protocol (the paper's: one learning rate for all methods):
     and scores them on validation; the lr with the best mean validation score over those methods is the one
     every method uses in ``final`` and the ablations, which score on the test set. The test set plays no part
     in choosing anything.
+  * One exception: ``lorapro-sgd`` is plain gradient descent, whose useful learning rates are orders of magnitude
+    above Adam's (at the shared Adam lr it does not move); it gets its own sweep (``OWN_LRS``, same data and
+    budget, validation only), run by ``final`` when missing, and its best validation lr.
   * ``final``: every method, several seeds. ``rank``: LoRA and LoRA-Pro at ranks 8 and 32. X's ablation is
     ``lorapro`` (Sylvester X) against ``lorapro-zero`` (X = 0) in ``final``.
   * ``tuned`` (secondary, not the paper's rule): full, LoRA and LoRA-Pro each at its own best validation lr.
@@ -46,6 +49,8 @@ METHODS = [
     "lorapro", "lorapro-zero", "lorapro-sgd", "lorapro-bf16", "lorapro-factored", "lorapro-efficient",
 ]
 SWEEP_METHODS = ["full", "lora", "lorapro"]
+# Methods swept on their own grid instead of using the shared lr (SGD's scale is not Adam's).
+OWN_LRS = {"lorapro-sgd": [1e-2, 1e-1, 1.0]}
 DIAGNOSE = {"lora", "lorapro"}  # runs that record the paper's diagnostics in `final`
 
 EXPERIMENTS = {
@@ -176,6 +181,14 @@ def run_base(name: str, exp: dict, *, smoke: bool, threads: int | None) -> dict:
     return m
 
 
+def own_lr(name: str, exp: dict, method: str, *, smoke: bool, threads: int | None) -> float:
+    """The best validation lr of ``method`` on its own grid (``OWN_LRS``), sweeping what is missing."""
+    for lr in OWN_LRS[method][1:2] if smoke else OWN_LRS[method]:
+        run_one(name, exp, "sweep", method, lr=lr, seed=0, rank=exp["rank"], split="val", diagnostics=None,
+                smoke=smoke, threads=threads)
+    return best_lr(name, method, smoke)
+
+
 def best_lr(name: str, method: str, smoke: bool) -> float:
     """The sweep's learning rate with the best validation score for ``method`` alone."""
     d = RESULTS / name / ("sweep" + ("-smoke" if smoke else ""))
@@ -195,7 +208,8 @@ def chosen_lr(name: str, smoke: bool) -> float:
     scores: dict[float, list[float]] = {}
     for f in sorted(d.glob("*/metrics.json")):
         m = json.loads(f.read_text())
-        scores.setdefault(m["config"]["lr"], []).append(_metric(m))
+        if m["method"] in SWEEP_METHODS:  # not the own-grid sweeps of OWN_LRS
+            scores.setdefault(m["config"]["lr"], []).append(_metric(m))
     if not scores:
         raise SystemExit(f"no sweep results for {name}: run `python experiments/run.py sweep {name}` first")
     return max(scores, key=lambda lr: (statistics.mean(scores[lr]), -lr))
@@ -225,8 +239,13 @@ def main(argv: list[str] | None = None) -> None:
             methods = args.methods.split(",") if args.methods else SWEEP_METHODS
             for lr in exp["lrs"]:
                 for method in methods:
+                    if method in OWN_LRS:
+                        continue
                     run_one(args.experiment, exp, "sweep", method, lr=lr, seed=0, rank=exp["rank"], split="val",
                             diagnostics=None, **common)
+            for method in methods:
+                if method in OWN_LRS:
+                    own_lr(args.experiment, exp, method, **common)
             print(f"chosen lr: {chosen_lr(args.experiment, args.smoke):g}")
             continue
         if phase == "tuned":  # a secondary view: each sweep method at its own best validation lr
@@ -244,9 +263,10 @@ def main(argv: list[str] | None = None) -> None:
         lr = args.lr if args.lr is not None else chosen_lr(args.experiment, args.smoke)
         if phase == "final":
             methods = args.methods.split(",") if args.methods else METHODS
+            lrs = {m: own_lr(args.experiment, exp, m, **common) if m in OWN_LRS else lr for m in methods}
             for seed in seeds:
                 for method in methods:
-                    run_final(args.experiment, exp, method, lr=lr, seed=seed, rank=exp["rank"], **common)
+                    run_final(args.experiment, exp, method, lr=lrs[method], seed=seed, rank=exp["rank"], **common)
         else:
             methods = args.methods.split(",") if args.methods else ["lora", "lorapro"]
             for rank in (8, 32):

@@ -22,9 +22,12 @@ def test_run_and_report_smoke(tmp_path):
     results = tmp_path / "results"
     out = _run(["experiments/run.py", "sweep", "rt", "--smoke", "--methods", "lora", "--threads", "1"], results)
     assert "chosen lr: 0.001" in out
-    _run(["experiments/run.py", "final", "rt", "--smoke", "--methods", "full,lora,lorapro", "--threads", "1"], results)
+    _run(["experiments/run.py", "final", "rt", "--smoke", "--methods", "full,lora,lorapro,lorapro-sgd", "--threads", "1"],
+         results)
     final = sorted(p.name for p in (results / "rt" / "final-smoke").iterdir())
-    assert final == ["full-lr0.001-r8-s0", "lora-lr0.001-r8-s0", "lorapro-lr0.001-r8-s0"]
+    # SGD at its own lr, from its own sweep (run by `final`), which does not move the shared lr
+    assert final == ["full-lr0.001-r8-s0", "lora-lr0.001-r8-s0", "lorapro-lr0.001-r8-s0", "lorapro-sgd-lr0.1-r8-s0"]
+    assert (results / "rt" / "sweep-smoke" / "lorapro-sgd-lr0.1-r8-s0" / "metrics.json").is_file()
     assert (results / "rt" / "final-smoke" / "lorapro-lr0.001-r8-s0" / "diagnostics.json").is_file()
     assert not (results / "rt" / "final-smoke" / "full-lr0.001-r8-s0" / "diagnostics.json").exists()
     # the smoke sweep has one lr, so LoRA's best lr is the shared one: `tuned` reuses the final run
@@ -38,5 +41,6 @@ def test_run_and_report_smoke(tmp_path):
     assert "..." not in again
     report = _run(["experiments/report.py", "--smoke", "--plots", str(tmp_path / "plots")], results)
     assert "| lorapro |" in report and "Gap closed by LoRA-Pro" in report
+    assert "lr 0.001 for every method (the paper's rule, chosen on validation), except lorapro-sgd at 0.1" in report
     assert "The untrained model scores" in report
     assert (tmp_path / "plots" / "rt_methods.png").is_file() and (tmp_path / "plots" / "rt_diagnostics.png").is_file()
