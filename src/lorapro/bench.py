@@ -1,6 +1,7 @@
 """``lorapro bench``: the optimizer step of LoRA-Pro against its peers and its floor, in one run.
 
-For a set of adapted layers (default: 8 of 2048 x 2048, r = 16) with fixed random gradients, it times
+For a set of adapted layers (default: on CPU 8 of 2048 x 2048 in float32; on a GPU two Llama-2-7B decoder
+layers in bfloat16; r = 16) with fixed random gradients, it times
 ``optimizer.step()`` (median of ``--repeats`` after ``--warmup`` steps) and measures the step's peak *extra*
 memory (allocations live at once during the step, beyond what existed before it) for:
 
@@ -31,6 +32,22 @@ from typing import Any
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CPU_SHAPES = "2048x2048:8"  # a scaled-down Llama: bound by the rank-r products on a CPU
+# Two Llama-2-7B decoder layers (out x in): q, k, v, o; gate and up; down. On a GPU the step is bound by the
+# moment traffic, and these are the shapes that traffic has in the paper's setting.
+GPU_SHAPES = "4096x4096:8,11008x4096:4,4096x11008:2"
+
+
+def resolve_defaults(args: argparse.Namespace) -> torch.device:
+    """The device, and the shapes and dtype left unset: :data:`CPU_SHAPES` in float32 on a CPU,
+    :data:`GPU_SHAPES` in bfloat16 elsewhere."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_cpu = device.type == "cpu"
+    if args.shapes is None:
+        args.shapes = CPU_SHAPES if on_cpu else GPU_SHAPES
+    if args.dtype is None:
+        args.dtype = "float32" if on_cpu else "bfloat16"
+    return device
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -227,7 +244,7 @@ def _state_bytes(optimizer: Any) -> float:
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Build every candidate, then time them round-robin (``--rounds`` x ``--repeats`` steps each), so slow
     phases of a shared machine hit all of them alike; report the median step and the peak extra memory."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_defaults(args)
     dtype = DTYPES[args.dtype]
     shapes = parse_shapes(args.shapes)
     which = args.only or ALL
@@ -299,9 +316,11 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="lorapro bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", default="2048x2048:8", help="m x n : count, comma-separated (default 2048x2048:8)")
+    p.add_argument("--shapes", default=None,
+                   help=f"m x n : count, comma-separated (default {CPU_SHAPES} on CPU, {GPU_SHAPES} on GPU)")
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="parameter dtype")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="parameter dtype (default float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--device", default=None)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="timed steps per candidate per round")

@@ -1,0 +1,58 @@
+"""`lorapro bench` on tiny shapes: every candidate runs, and what it reports is what the optimizers hold."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from lorapro import bench
+from lorapro.cli import main
+
+TINY = ["--shapes", "96x64:2,40x72:1", "--rank", "4", "--warmup", "1", "--repeats", "1", "--rounds", "2"]
+
+
+def test_defaults_follow_the_device():
+    args = bench.build_parser().parse_args([])
+    cpu = argparse.Namespace(**{**vars(args), "device": "cpu"})
+    assert bench.resolve_defaults(cpu).type == "cpu"
+    assert (cpu.shapes, cpu.dtype) == (bench.CPU_SHAPES, "float32")
+    gpu = argparse.Namespace(**{**vars(args), "device": "cuda"})  # resolves without a GPU: nothing is allocated
+    bench.resolve_defaults(gpu)
+    assert (gpu.shapes, gpu.dtype) == (bench.GPU_SHAPES, "bfloat16")
+    assert bench.parse_shapes(bench.GPU_SHAPES) == [(4096, 4096)] * 8 + [(11008, 4096)] * 4 + [(4096, 11008)] * 2
+    explicit = argparse.Namespace(**{**vars(args), "device": "cuda", "shapes": "8x8:1", "dtype": "float32"})
+    bench.resolve_defaults(explicit)
+    assert (explicit.shapes, explicit.dtype) == ("8x8:1", "float32")
+
+
+def test_bench_runs_every_candidate_and_reports_ratios(tmp_path, capsys):
+    only = [
+        "lorapro", "lorapro-bf16", "lorapro-factored", "lorapro-efficient", "paper-literal", "adamw-lora",
+        "adamw-full", "floor-traffic", "floor-products",
+    ]
+    out = tmp_path / "bench.json"
+    assert main(["bench", *TINY, "--device", "cpu", "--only", ",".join(only), "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == only
+    for name, row in rows.items():
+        assert row["median_ms"] > 0 and row["samples"] >= 2, name
+        assert row["peak_extra_mib"] >= 0, name
+    # state bytes per adapted weight element: the moments as documented
+    per_element = {name: rows[name]["state_bytes_per_element"] for name in only[:4] + ["adamw-full"]}
+    assert per_element["lorapro"] == pytest.approx(8.0, rel=1e-3)
+    assert per_element["lorapro-bf16"] == pytest.approx(4.0, rel=1e-3)
+    assert 4.0 < per_element["lorapro-factored"] < 4.2  # + row and column statistics
+    assert per_element["lorapro-efficient"] < 1.0  # r-sized moments only
+    assert per_element["adamw-full"] == pytest.approx(8.0, rel=1e-3)
+    assert "lorapro / (traffic floor + products floor) =" in text
+    assert "lorapro / full fine-tuning AdamW step" in text
+
+
+def test_bench_fused_row():
+    args = bench.build_parser().parse_args([*TINY, "--device", "cpu", "--only", "lorapro,lorapro-fused"])
+    rows = {r["name"]: r for r in bench.run(args)}
+    assert rows["lorapro-fused"]["median_ms"] > 0
+    assert rows["lorapro-fused"]["state_bytes_per_element"] == rows["lorapro"]["state_bytes_per_element"]
