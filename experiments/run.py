@@ -50,7 +50,7 @@ METHODS = [
 ]
 SWEEP_METHODS = ["full", "lora", "lorapro"]
 # Methods swept on their own grid instead of using the shared lr (SGD's scale is not Adam's).
-OWN_LRS = {"lorapro-sgd": [1e-2, 1e-1, 1.0]}
+OWN_LRS = {"lorapro-sgd": [1e-2, 1e-1, 1.0, 10.0]}
 DIAGNOSE = {"lora", "lorapro"}  # runs that record the paper's diagnostics in `final`
 
 EXPERIMENTS = {
