@@ -62,6 +62,19 @@ def test_lorapro_metrics_record_the_optimizer(bert_dir, tmp_path):
     assert m["method"] == "lorapro" and m["optimizer_state_mib"] > 0 and m["mean_optimizer_step_ms"] > 0
 
 
+def test_fused_trains_like_the_default(bert_dir, tmp_path):
+    """--fused (LoRAProAdamW(fused=True)) follows the default optimizer's trajectory up to float rounding."""
+    runs = {}
+    for name, extra in (("plain", []), ("fused", ["--fused"])):
+        out = tmp_path / name
+        assert main(["train", "--model", str(bert_dir), "--max-steps", "3", *SMALL, "--out", str(out), *extra]) == 0
+        runs[name] = _metrics(out)
+    assert runs["fused"]["config"]["fused"] and not runs["plain"]["config"]["fused"]
+    losses = [[loss for _, loss in runs[k]["train_loss"]] for k in ("plain", "fused")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    assert runs["fused"]["eval_loss"] == pytest.approx(runs["plain"]["eval_loss"], rel=1e-4)
+
+
 def test_eval_command_reproduces_the_final_metric(bert_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--model", str(bert_dir), "--max-steps", "3", *SMALL, "--out", str(out)]) == 0
@@ -149,6 +162,7 @@ def test_bad_inputs_give_one_line_and_exit_2(bert_dir, tmp_path, capsys):
     _bad(tmp_path, capsys, [*base, "--target-modules", "nonexistent_proj"], "nonexistent_proj")
     _bad(tmp_path, capsys, [*base, "--resume"], "no checkpoint")
     _bad(tmp_path, capsys, [*base, "--lr", "-1"], "--lr")
+    _bad(tmp_path, capsys, [*base, "--method", "lorapro-bf16", "--fused"], "--fused is for lorapro and lorapro-zero")
     _bad(tmp_path, capsys, ["eval", "--model", str(bert_dir), "--adapter", str(tmp_path / "nothing"),
                             "--eval", "rotten-tomatoes"], "nothing")
 

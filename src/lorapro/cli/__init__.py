@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop after this many steps, leaving a checkpoint for --resume (time-boxed jobs)")
+    p.add_argument("--fused", action="store_true",
+                   help="lorapro / lorapro-zero: run the Adam pass as one torch.compile'd loop per block "
+                        "(LoRAProAdamW(fused=True); the first step compiles it; needs a C++ compiler on CPU)")
 
     p = sub.add_parser("compare", help="full fine-tuning vs LoRA vs LoRA-Pro on the same budget (default: the demo)")
     _add_train_args(p, compare=True)

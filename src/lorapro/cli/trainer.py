@@ -27,6 +27,9 @@ from .errors import UserError
 from .io import atomic_torch_save, atomic_write_json
 
 
+FUSED_METHODS = ("lorapro", "lorapro-zero")  # the methods --fused applies to
+
+
 @dataclass
 class TrainConfig:
     model: str = "minilm"
@@ -58,6 +61,7 @@ class TrainConfig:
     device: str | None = None
     out: str = "runs/train"
     diagnostics: int | None = None  # record the paper's diagnostics every this many steps
+    fused: bool = False  # LoRAProAdamW(fused=True) for lorapro / lorapro-zero
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -90,6 +94,10 @@ class TrainConfig:
             raise UserError(f"--schedule must be cosine, linear or constant, got {self.schedule!r}")
         if self.max_steps is not None and self.epochs is not None:
             raise UserError("give --max-steps or --epochs, not both")
+        if self.fused and self.method not in FUSED_METHODS:
+            raise UserError(
+                f"--fused is for {' and '.join(FUSED_METHODS)} (LoRA-Pro AdamW with fp32 moments), not {self.method}"
+            )
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
@@ -125,9 +133,11 @@ def make_optimizer(
         return peft_methods.make_optimizer(method, model, cfg, process_group=process_group)
     pg = {"process_group": process_group}
     if method == "lorapro":
-        return lorapro.LoRAProAdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay, **pg)
+        return lorapro.LoRAProAdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cfg.fused, **pg)
     if method == "lorapro-zero":
-        return lorapro.LoRAProAdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay, x_mode="zero", **pg)
+        return lorapro.LoRAProAdamW(
+            model, lr=cfg.lr, weight_decay=cfg.weight_decay, x_mode="zero", fused=cfg.fused, **pg
+        )
     if method in ("lorapro-bf16", "lorapro-factored", "lorapro-efficient"):
         moments = method.split("-", 1)[1]
         return lorapro.LoRAProAdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay, moments=moments, **pg)
@@ -397,7 +407,7 @@ def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _same_run(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     mine = asdict(cfg)
-    ignore = {"out", "eval_every", "save_every", "diagnostics"}
+    ignore = {"out", "eval_every", "save_every", "diagnostics", "fused"}  # none of these changes the run's maths
     return sorted(k for k in mine if k not in ignore and saved.get(k) != mine[k])
 
 
