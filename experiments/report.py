@@ -115,7 +115,8 @@ def final_table(name: str, phase: str = "final") -> str:
     if phase == "final":
         lr = next(r["config"]["lr"] for r in runs if r["method"] not in OWN_LRS)
         own = sorted({(r["method"], r["config"]["lr"]) for r in runs if r["method"] in OWN_LRS})
-        head = f"lr {lr:g} for every method (the paper's rule, chosen on validation)" + "".join(
+        how = "the paper's rule, chosen on validation" if load(name, "sweep") else "no sweep on this task: given to run.py"
+        head = f"lr {lr:g} for every method ({how})" + "".join(
             f", except {m} at {v:g} (SGD: its best validation lr on its own grid)" for m, v in own
         ) + "; "
     else:
