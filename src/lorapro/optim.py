@@ -261,20 +261,18 @@ def _adam_on_equivalent_gradient(
     for r0 in range(0, m, ws.rows):
         r1 = min(m, r0 + ws.rows)
         w = ws.work[: r1 - r0]
-        if fused:  # one pass over the block instead of six
-            G = torch.mm(left[r0:r1], right, out=w)
-            _compiled(_adam_block_)(G, M[r0:r1], V[r0:r1], beta1, beta2, eps)
-            gA_out.addmm_(B[r0:r1].mT, G)
-            torch.mm(G, A.mT, out=gB_out[r0:r1])
-            continue
-        Mb, Vb = (ws.M[: r1 - r0].copy_(M[r0:r1]), ws.V[: r1 - r0].copy_(V[r0:r1])) if low else (M[r0:r1], V[r0:r1])
         G = torch.mm(left[r0:r1], right, out=w)
-        Mb.lerp_(G, 1.0 - beta1)
-        Vb.mul_(beta2).addcmul_(G, G, value=1.0 - beta2)
-        if low:  # G is spent: its block is the rounding's scratch
-            stochastic_round_to_bf16_(M[r0:r1], Mb, ws.noise_for(Mb), scratch=w)
-            stochastic_round_to_bf16_(V[r0:r1], Vb, ws.noise_for(Vb), scratch=w)
-        U = torch.div(Mb, torch.sqrt(Vb, out=w).add_(eps), out=w)
+        if fused:  # one pass over the block instead of six; U is written over G
+            _compiled(_adam_block_)(G, M[r0:r1], V[r0:r1], beta1, beta2, eps)
+            U = G
+        else:
+            Mb, Vb = (ws.M[: r1 - r0].copy_(M[r0:r1]), ws.V[: r1 - r0].copy_(V[r0:r1])) if low else (M[r0:r1], V[r0:r1])
+            Mb.lerp_(G, 1.0 - beta1)
+            Vb.mul_(beta2).addcmul_(G, G, value=1.0 - beta2)
+            if low:  # G is spent: its block is the rounding's scratch
+                stochastic_round_to_bf16_(M[r0:r1], Mb, ws.noise_for(Mb), scratch=w)
+                stochastic_round_to_bf16_(V[r0:r1], Vb, ws.noise_for(Vb), scratch=w)
+            U = torch.div(Mb, torch.sqrt(Vb, out=w).add_(eps), out=w)
         gA_out.addmm_(B[r0:r1].mT, U)
         torch.mm(U, A.mT, out=gB_out[r0:r1])
 
