@@ -17,9 +17,9 @@ pytestmark = pytest.mark.skipif(
     shutil.which("c++") is None and shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler"
 )
 
-# Several layers of two shapes; 1100 rows are not a multiple of the CPU block (1<<19 / 520 = 1008 rows), so the
-# last block of a layer is short and the compiled kernel sees two row counts.
-SHAPES = [(300, 70, 4), (300, 70, 4), (1100, 520, 8)]
+# Several layers of two shapes. The CPU blocks are m // 2 rows here (the half-m x n workspace bound is below
+# the cache bound), so 1101 rows make blocks of 550, 550 and 1: the compiled kernel sees a short last block.
+SHAPES = [(300, 70, 4), (300, 70, 4), (1101, 520, 8)]
 
 
 def _factors(dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -31,10 +31,13 @@ def _factors(dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
     ]
 
 
-def _run(dtype: torch.dtype, moments: str, fused: bool, steps: int = 4, state: dict | None = None):
+def _pairs(factors) -> list[LoRAPair]:
+    return [LoRAPair(A=A, B=B, scale=2.0, name=f"layer{i}") for i, (A, B) in enumerate(factors)]
+
+
+def _run(dtype: torch.dtype, moments: str, fused: bool, steps: int = 4):
     factors = _factors(dtype)
-    pairs = [LoRAPair(A=A, B=B, scale=2.0, name=f"layer{i}") for i, (A, B) in enumerate(factors)]
-    opt = lorapro.LoRAProAdamW(pairs, lr=1e-2, weight_decay=0.01, moments=moments, fused=fused)
+    opt = lorapro.LoRAProAdamW(_pairs(factors), lr=1e-2, weight_decay=0.01, moments=moments, fused=fused)
     for step in range(steps):
         g = torch.Generator().manual_seed(step)
         for A, B in factors:
@@ -74,8 +77,7 @@ def test_fused_state_is_the_unfused_state():
     for group in saved["param_groups"]:
         del group["fused"]  # as saved by an earlier version
     factors = [(A.detach().clone().requires_grad_(), B.detach().clone().requires_grad_()) for A, B in plain]
-    pairs = [LoRAPair(A=A, B=B, scale=2.0, name=f"layer{i}") for i, (A, B) in enumerate(factors)]
-    resumed = lorapro.LoRAProAdamW(pairs, lr=1e-2, weight_decay=0.01, fused=True)
+    resumed = lorapro.LoRAProAdamW(_pairs(factors), lr=1e-2, weight_decay=0.01, fused=True)
     resumed.load_state_dict(saved)
     for opt, fs in ((plain_opt, plain), (resumed, factors)):
         g = torch.Generator().manual_seed(7)
