@@ -91,23 +91,32 @@ def test_unknown_option_is_refused():
         lorapro.LoRAProAdamW(tiny_peft(), moments="fp8")
 
 
-def test_workspace_is_at_most_one_weight_matrix_per_shape():
+@pytest.mark.parametrize("threads", [1, 2])
+def test_workspace_is_at_most_one_weight_matrix_per_shape(threads):
     """Transient memory of the Adam pass: at most half an m x n float32 matrix per distinct shape, on any device
     (sized on the meta device: the accelerator rule, without an accelerator)."""
-    from lorapro.optim import _block_rows, _Workspace
+    from lorapro.optim import _CPU_BLOCK_ELEMENTS, _block_rows, _Workspace
 
-    for m, n in [(4096, 4096), (11008, 4096), (4096, 11008), (7, 3), (1, 5)]:
-        for moments in ("full", "bf16", "factored"):
-            for device in (torch.device("meta"), torch.device("cpu")):
-                rows = _block_rows(m, n, device, moments)
-                assert 1 <= rows <= m
-                ws = _Workspace(rows, n, torch.float32, torch.device("meta"), moments)
-                parts = [ws.work, ws.M, ws.V, ws.col, ws.noise]
-                total = sum(t.numel() * t.element_size() for t in parts if t is not None)
-                # half an m x n float32 matrix (plus a row per buffer when m is tiny), never per layer
-                assert total <= 4 * (m * n // 2 + 6 * n), (m, n, moments, total)
-                if device.type == "cpu":  # and cache-sized blocks
-                    assert total <= 4 * (5 * (1 << 19) + 6 * n), (m, n, moments, total)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for m, n in [(4096, 4096), (11008, 4096), (4096, 11008), (7, 3), (1, 5)]:
+            for moments in ("full", "bf16", "factored"):
+                for device in (torch.device("meta"), torch.device("cpu")):
+                    rows = _block_rows(m, n, device, moments)
+                    assert 1 <= rows <= m
+                    ws = _Workspace(rows, n, torch.float32, torch.device("meta"), moments)
+                    parts = [ws.work, ws.M, ws.V, ws.col, ws.noise]
+                    total = sum(t.numel() * t.element_size() for t in parts if t is not None)
+                    # half an m x n float32 matrix (plus a row per buffer when m is tiny), never per layer
+                    assert total <= 4 * (m * n // 2 + 6 * n), (m, n, moments, total)
+                    if device.type == "cpu":  # and blocks of the CPU size: cache-sized on one thread, T^2 that on T
+                        block = _CPU_BLOCK_ELEMENTS * threads**2
+                        assert total <= 4 * (5 * block + 6 * n), (m, n, moments, total)
+                        if threads == 1 and m * n >= 4 * block:
+                            assert total <= 4 * 5 * block  # really cache-sized, not the half-matrix bound
+    finally:
+        torch.set_num_threads(before)
 
 
 def _random_pairs(layers: int, m: int, n: int, r: int) -> list[tuple[torch.Tensor, torch.Tensor, float]]:

@@ -165,10 +165,18 @@ def _apply_update(pairs: Sequence[LoRAPair], batch: _PairBatch, a: Tensor, b: Te
         p.B.copy_(new_B[i].reshape(p.B.shape))
 
 
-# On CPU the m x n work of a layer runs over blocks of rows this large (elements): each block's G and U stay
-# in cache between the product that makes them and the products that consume them, so the elementwise Adam
-# passes cost cache bandwidth, and only M and V travel to and from memory (once each).
+# On CPU the m x n work of a layer runs over blocks of rows: on one thread blocks of this many elements, so each
+# block's G and U stay in cache between the product that makes them and the products that consume them, and
+# only M and V travel to and from memory (once each). With T threads every op of a block is split T ways, and
+# per-op parallel overhead (the thin products B^T U and U A^T above all) outweighs the cache: blocks grow as
+# T^2 (measured on a 2-core machine with benchmarks/block_size.py: at two threads blocks 4x larger made the
+# step 8-22% faster, at one thread 13-20% slower). The workspace bound below caps them in any case.
 _CPU_BLOCK_ELEMENTS = 1 << 19
+
+
+def _cpu_block_elements() -> int:
+    return _CPU_BLOCK_ELEMENTS * torch.get_num_threads() ** 2
+
 
 # Block-sized buffers the Adam pass needs per moment mode, in units of one block of float32 (see _Workspace):
 # the G/U buffer; bf16 adds float32 copies of M and V and two blocks of int32 random bits; factored adds V.
@@ -178,10 +186,11 @@ _WORKSPACE_BLOCKS = {"full": 1, "bf16": 5, "factored": 2}
 def _block_rows(m: int, n: int, device: torch.device, moments: str) -> int:
     """Rows per block of the Adam pass: never more than keep the whole workspace within half an m x n
     float32 matrix per shape (the rank-sized stacks of :func:`_bucket_pairs` take at most the other half);
-    on accelerators that many (two blocks for the default moments), on CPU blocks that also stay in cache."""
+    on accelerators that many (two blocks for the default moments), on CPU at most
+    :func:`_cpu_block_elements` per block."""
     within = max(1, m // (2 * _WORKSPACE_BLOCKS[moments]))
     if device.type == "cpu":
-        return max(1, min(within, _CPU_BLOCK_ELEMENTS // n))
+        return max(1, min(within, _cpu_block_elements() // n))
     return within
 
 
