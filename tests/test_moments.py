@@ -156,3 +156,26 @@ def test_step_memory_does_not_grow_with_the_number_of_layers():
 
     few, many = peak(16), peak(48)
     assert many <= 1.25 * few, (few / 2**20, many / 2**20)
+
+
+def test_layers_at_different_step_counts_each_get_their_own_bias_correction():
+    """Small layers of one shape are stepped together only when they share a step count (one eps and one bias
+    correction for the chunk); otherwise each layer must step exactly as it would alone."""
+    import copy
+
+    pairs = _random_pairs(4, 32, 24, 4)
+    opt = lorapro.LoRAProAdamW(pairs, lr=1e-2)
+    opt.step()
+    opt.state[pairs[0][1]]["step"].fill_(5.0)  # as if the first layer had trained longer (a merged checkpoint)
+    alone = []
+    for A, B, s in pairs:
+        A2, B2 = A.detach().clone().requires_grad_(), B.detach().clone().requires_grad_()
+        A2.grad, B2.grad = A.grad.clone(), B.grad.clone()
+        single = lorapro.LoRAProAdamW([(A2, B2, s)], lr=1e-2)
+        single.state[B2] = copy.deepcopy(opt.state[B])
+        alone.append((single, A2, B2))
+    opt.step()
+    for (A, B, _), (single, A2, B2) in zip(pairs, alone):
+        single.step()
+        torch.testing.assert_close(A, A2, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(B, B2, rtol=1e-5, atol=1e-6)

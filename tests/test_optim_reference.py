@@ -160,3 +160,41 @@ def test_memory_lean_moments_match_reference(monkeypatch, moments, init, block_e
     model = tiny_peft(dtype=torch.float64, init_lora_weights=init)
     batches = [tiny_batch(seed=i, dtype=torch.float64) for i in range(STEPS)]
     _run_both(model, tiny_loss, batches, "adamw", "sylvester", 1e-2, weight_decay=0.01, moments=moments)
+
+
+@pytest.mark.parametrize("per_chunk", [1, 2, 3])
+def test_small_layers_in_chunks_match_reference(monkeypatch, per_chunk):
+    """Layers smaller than a block go through the Adam pass several at a time (one batched product and one
+    foreach call per elementwise pass); one at a time or in chunks (5 layers: a short last chunk), the steps
+    are the reference's."""
+    import lorapro.optim
+
+    chunks = []
+    real = lorapro.optim._adam_on_equivalent_gradients_chunk
+
+    def spy(left, *args, **kwargs):
+        chunks.append(left.shape[0])
+        return real(left, *args, **kwargs)
+
+    monkeypatch.setattr(lorapro.optim, "_layers_per_chunk", lambda m, n, device: per_chunk)
+    monkeypatch.setattr(lorapro.optim, "_adam_on_equivalent_gradients_chunk", spy)
+    torch.manual_seed(0)
+    layers = nn.ModuleList(CustomLoRA(7, 5, 3, s=0.7) for _ in range(5)).double()
+    ref_layers = copy.deepcopy(layers)
+    params = [(c.A, c.B, c.s) for c in layers] + [c.bias for c in layers]
+    opt = lorapro.LoRAProAdamW(params, lr=1e-2, weight_decay=0.01)
+    ref = ReferenceLoRAPro(
+        ref_layers, [(f"c{i}", c.A, c.B, c.s) for i, c in enumerate(ref_layers)], lr=1e-2, weight_decay=0.01,
+        algo="adamw",
+    )
+    x, y = torch.randn(16, 7, dtype=torch.float64), torch.randn(16, 5, dtype=torch.float64)
+    for _ in range(STEPS):
+        for ls in (layers, ref_layers):
+            ls.zero_grad()
+            sum(((c(x) - y) ** 2).mean() * (i + 1) for i, c in enumerate(ls)).backward()
+        opt.step()
+        ref.step()
+    for p, q in zip(layers.parameters(), ref_layers.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p, q, rtol=0, atol=TOL)
+    assert sorted(set(chunks)) == ({1: [], 2: [1, 2], 3: [2, 3]}[per_chunk])

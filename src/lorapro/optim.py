@@ -160,9 +160,8 @@ def _apply_update(pairs: Sequence[LoRAPair], batch: _PairBatch, a: Tensor, b: Te
     decay = 1.0 - lr * wd
     new_A = batch.A.mul(decay).sub_(a, alpha=lr)
     new_B = batch.B.mul(decay).sub_(b, alpha=lr)
-    for i, p in enumerate(pairs):
-        p.A.copy_(new_A[i].reshape(p.A.shape))
-        p.B.copy_(new_B[i].reshape(p.B.shape))
+    torch._foreach_copy_([p.A_matrix() for p in pairs], list(new_A.unbind(0)))
+    torch._foreach_copy_([p.B_matrix() for p in pairs], list(new_B.unbind(0)))
 
 
 # On CPU the m x n work of a layer runs over blocks of rows: on one thread blocks of this many elements, so each
@@ -192,6 +191,19 @@ def _block_rows(m: int, n: int, device: torch.device, moments: str) -> int:
     if device.type == "cpu":
         return max(1, min(within, _cpu_block_elements() // n))
     return within
+
+
+# On accelerators, layers this small (elements) or smaller are stepped several at a time (see _layers_per_chunk).
+_ACCEL_CHUNK_ELEMENTS = 1 << 21
+
+
+def _layers_per_chunk(m: int, n: int, device: torch.device) -> int:
+    """How many layers of one m x n shape the Adam pass of the default moments takes at once: as many as fit in
+    one block (:func:`_cpu_block_elements` on CPU, :data:`_ACCEL_CHUNK_ELEMENTS` elsewhere). Small layers then
+    cost one batched product and one foreach call per pass for the chunk instead of an op per layer (the host
+    time per op, not the arithmetic, is what a step of many small layers spends). 1: one layer at a time."""
+    budget = _cpu_block_elements() if device.type == "cpu" else _ACCEL_CHUNK_ELEMENTS
+    return max(1, budget // max(1, m * n))
 
 
 class _Workspace:
@@ -284,6 +296,29 @@ def _adam_on_equivalent_gradient(
             U = torch.div(Mb, torch.sqrt(Vb, out=w).add_(eps), out=w)
         gA_out.addmm_(B[r0:r1].mT, U)
         torch.mm(U, A.mT, out=gB_out[r0:r1])
+
+
+def _adam_on_equivalent_gradients_chunk(
+    left: Tensor, right: Tensor, B: Tensor, A: Tensor, states: Sequence[dict[str, Tensor]], work: Tensor,
+    gA_out: Tensor, gB_out: Tensor, *, beta1: float, beta2: float, eps: float,
+) -> None:
+    """:func:`_adam_on_equivalent_gradient` for k small layers of one shape at once, default (fp32) moments, the
+    same ``eps`` (step count) for all: stacked ``left``, ``right``, ``B``, ``A`` (k, ...); ``work`` is (2, k, m, n);
+    ``gA_out``, ``gB_out`` (k, ...) are overwritten. The same elementwise ops as the one-layer pass, one foreach
+    call (or one op on the contiguous chunk) each."""
+    G = torch.bmm(left, right, out=work[0])
+    D = work[1]
+    Gs, Ds = list(G.unbind(0)), list(D.unbind(0))
+    Ms = [state["exp_avg"] for state in states]
+    Vs = [state["exp_avg_sq"] for state in states]
+    torch._foreach_lerp_(Ms, Gs, 1.0 - beta1)
+    torch._foreach_mul_(Vs, beta2)
+    torch._foreach_addcmul_(Vs, Gs, Gs, value=1.0 - beta2)
+    torch._foreach_copy_(Ds, Vs)
+    torch._foreach_copy_(Gs, Ms)  # G is spent: U = M / (sqrt(V) + eps) is built in its place
+    G.div_(D.sqrt_().add_(eps))
+    torch.bmm(B.mT, G, out=gA_out)
+    torch.bmm(G, A.mT, out=gB_out)
 
 
 def _factored_pass(
@@ -411,7 +446,12 @@ class _LoRAProOptimizer(Optimizer):
             for p in group["params"]
             if p.grad is not None and not p.grad.is_sparse
         ]
-        flags = [torch.isfinite(g).all() for g in grads if g.numel()]
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for g in grads:
+            if g.numel():
+                by_device.setdefault(g.device, []).append(g)
+        # One max-|g| per tensor (NaN and Inf propagate), a foreach call per device instead of two ops per tensor.
+        flags = [torch.stack(torch._foreach_norm(gs, math.inf)).isfinite().all() for gs in by_device.values()]
         ok = not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
         if self._dt is not None:  # each rank sees only its shards: agree on skipping
             import torch.distributed as dist
@@ -691,21 +731,40 @@ class LoRAProAdamW(_LoRAProOptimizer):
         m, n = pairs[0].shape
         rows = _block_rows(m, n, batch.A.device, moments)
         fused = group.get("fused", False)  # state dicts saved before the option existed lack it
-        work = _Workspace(rows, n, batch.A.dtype, batch.A.device, moments)
-        for i, pair in enumerate(pairs):
-            state = self._pair_state(pair, batch.A.dtype, moments)
-            state["step"] += 1
-            t = float(state["step"])
-            bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t
-            _adam_on_equivalent_gradient(
-                left[i], right[i], batch.B[i], batch.A[i], state, work,
-                gA_adam[i], gB_adam[i], beta1=beta1, beta2=beta2, eps=group["eps"] * math.sqrt(bc2), fused=fused,
-            )
-            # U = (M / bc1) / (sqrt(V / bc2) + eps) = (sqrt(bc2) / bc1) * M / (sqrt(V) + eps sqrt(bc2)):
-            # the constant and s are applied to the r-sized results, not to an m x n matrix.
-            c = pair.scale * math.sqrt(bc2) / bc1  # the Python float: reading batch.scale would wait for the device
-            gA_adam[i].mul_(c)
-            gB_adam[i].mul_(c)
+        states = [self._pair_state(pair, batch.A.dtype, moments) for pair in pairs]
+        torch._foreach_add_([state["step"] for state in states], 1.0)
+        steps = [float(state["step"]) for state in states]  # CPU tensors: no device wait
+        chunk = _layers_per_chunk(m, n, batch.A.device) if moments == "full" and not fused else 1
+        if chunk > 1 and len(set(steps)) == 1:  # several small layers per pass (the same eps for all)
+            eps = group["eps"] * math.sqrt(1.0 - beta2 ** steps[0])
+            chunk_work = torch.empty(2, min(chunk, len(pairs)), m, n, dtype=batch.A.dtype, device=batch.A.device)
+            for i in range(0, len(pairs), chunk):
+                j = min(len(pairs), i + chunk)
+                _adam_on_equivalent_gradients_chunk(
+                    left[i:j], right[i:j], batch.B[i:j], batch.A[i:j], states[i:j], chunk_work[:, : j - i],
+                    gA_adam[i:j], gB_adam[i:j], beta1=beta1, beta2=beta2, eps=eps,
+                )
+        else:
+            work = _Workspace(rows, n, batch.A.dtype, batch.A.device, moments)
+            for i, state in enumerate(states):
+                bc2 = 1.0 - beta2 ** steps[i]
+                _adam_on_equivalent_gradient(
+                    left[i], right[i], batch.B[i], batch.A[i], state, work,
+                    gA_adam[i], gB_adam[i], beta1=beta1, beta2=beta2, eps=group["eps"] * math.sqrt(bc2), fused=fused,
+                )
+        # U = (M / bc1) / (sqrt(V / bc2) + eps) = (sqrt(bc2) / bc1) * M / (sqrt(V) + eps sqrt(bc2)):
+        # the constant and s are applied to the r-sized results, not to an m x n matrix; one op per bucket when
+        # its layers share their step count (the usual case), else per layer.
+        if len(set(steps)) == 1:
+            t = steps[0]
+            c = batch.scale.mul(math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t))[:, None, None]
+            gA_adam.mul_(c)
+            gB_adam.mul_(c)
+        else:
+            for i, (pair, t) in enumerate(zip(pairs, steps)):
+                c = pair.scale * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)  # a Python float: no device wait
+                gA_adam[i].mul_(c)
+                gB_adam[i].mul_(c)
         a, b = adjusted_lora_gradients(
             batch.A, batch.B, gA_adam, gB_adam, batch.scale, x_mode=group["x_mode"], factors=factors
         )
