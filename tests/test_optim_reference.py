@@ -198,3 +198,16 @@ def test_small_layers_in_chunks_match_reference(monkeypatch, per_chunk):
         if p.requires_grad:
             torch.testing.assert_close(p, q, rtol=0, atol=TOL)
     assert sorted(set(chunks)) == ({1: [], 2: [1, 2], 3: [2, 3]}[per_chunk])
+
+
+def test_non_contiguous_factors_are_updated_in_place():
+    """Custom pairs may hold factors as non-contiguous parameters (a transposed storage): the step must write
+    into them, not into a reshaped copy."""
+    torch.manual_seed(0)
+    A = nn.Parameter(torch.randn(6, 3, 2, dtype=torch.float64).permute(1, 0, 2))  # (r, 6, 2), non-contiguous
+    B = nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+    assert not A.is_contiguous()
+    A.grad, B.grad = torch.randn_like(A), torch.randn_like(B)
+    before = A.detach().clone()
+    lorapro.LoRAProAdamW([(A, B, 1.0)], lr=1e-2).step()
+    assert not torch.equal(A, before)

@@ -160,8 +160,9 @@ def _apply_update(pairs: Sequence[LoRAPair], batch: _PairBatch, a: Tensor, b: Te
     decay = 1.0 - lr * wd
     new_A = batch.A.mul(decay).sub_(a, alpha=lr)
     new_B = batch.B.mul(decay).sub_(b, alpha=lr)
-    torch._foreach_copy_([p.A_matrix() for p in pairs], list(new_A.unbind(0)))
-    torch._foreach_copy_([p.B_matrix() for p in pairs], list(new_B.unbind(0)))
+    # (the sources reshaped, not the parameters: a non-contiguous parameter's reshape could be a copy)
+    torch._foreach_copy_([p.A for p in pairs], [x.reshape(p.A.shape) for x, p in zip(new_A.unbind(0), pairs)])
+    torch._foreach_copy_([p.B for p in pairs], [x.reshape(p.B.shape) for x, p in zip(new_B.unbind(0), pairs)])
 
 
 # On CPU the m x n work of a layer runs over blocks of rows: on one thread blocks of this many elements, so each
