@@ -194,7 +194,7 @@ def _block_rows(m: int, n: int, device: torch.device, moments: str) -> int:
     return within
 
 
-# On accelerators, layers this small (elements) or smaller are stepped several at a time (see _layers_per_chunk).
+# On accelerators, the elements one chunk of small layers may hold, per buffer (see _layers_per_chunk).
 _ACCEL_CHUNK_ELEMENTS = 1 << 21
 
 
