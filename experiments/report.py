@@ -43,6 +43,12 @@ def _ms(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
 
 
+def _per_seed(fractions: list[float]) -> str:
+    """``per seed a, b, c; mean m ± sd`` (no spread for one seed)."""
+    spread = f" ± {statistics.stdev(fractions):.2f}" if len(fractions) > 1 else ""
+    return f"per seed {', '.join(f'{f:.2f}' for f in fractions)}; mean {statistics.mean(fractions):.2f}{spread}"
+
+
 def _by_method_seed(runs: list[dict], value=_metric) -> dict[tuple[str, int], float]:
     return {(r["method"], r["config"]["seed"]): value(r) for r in runs}
 
@@ -160,20 +166,14 @@ def final_table(name: str, phase: str = "final") -> str:
             f"{', '.join(f'{d:+.3f}' for d in diffs)}."
         )
     elif fractions:
-        spread = f" ± {statistics.stdev(fractions):.2f}" if len(fractions) > 1 else ""
         lines.append(
-            f"**Gap closed by LoRA-Pro** ((LoRA-Pro − LoRA) / (full − LoRA)): per seed "
-            f"{', '.join(f'{f:.2f}' for f in fractions)}; mean {statistics.mean(fractions):.2f}{spread}"
+            f"**Gap closed by LoRA-Pro** ((LoRA-Pro − LoRA) / (full − LoRA)): {_per_seed(fractions)}"
             + (f"; from the means {of_means:.2f}." if of_means is not None else ".")
         )
     if lm:
-        fractions, of_means = gap_closed(runs, value=_test_loss)
+        fractions, _ = gap_closed(runs, value=_test_loss)
         if fractions:
-            spread = f" ± {statistics.stdev(fractions):.2f}" if len(fractions) > 1 else ""
-            lines.append(
-                f"\nGap closed on the test loss ((LoRA − LoRA-Pro) / (LoRA − full)): per seed "
-                f"{', '.join(f'{f:.2f}' for f in fractions)}; mean {statistics.mean(fractions):.2f}{spread}."
-            )
+            lines.append(f"\nGap closed on the test loss ((LoRA − LoRA-Pro) / (LoRA − full)): {_per_seed(fractions)}.")
     return "\n".join(lines) + "\n"
 
 

@@ -730,13 +730,13 @@ class LoRAProAdamW(_LoRAProOptimizer):
         gA_adam = torch.zeros_like(batch.A)
         gB_adam = torch.empty_like(batch.B)
         m, n = pairs[0].shape
-        rows = _block_rows(m, n, batch.A.device, moments)
         fused = group.get("fused", False)  # state dicts saved before the option existed lack it
         states = [self._pair_state(pair, batch.A.dtype, moments) for pair in pairs]
         torch._foreach_add_([state["step"] for state in states], 1.0)
         steps = [float(state["step"]) for state in states]  # CPU tensors: no device wait
+        one_step = len(set(steps)) == 1  # the usual case: one eps and one bias correction for the bucket
         chunk = _layers_per_chunk(m, n, batch.A.device) if moments == "full" and not fused else 1
-        if chunk > 1 and len(set(steps)) == 1:  # several small layers per pass (the same eps for all)
+        if chunk > 1 and one_step:  # several small layers per pass
             eps = group["eps"] * math.sqrt(1.0 - beta2 ** steps[0])
             chunk_work = torch.empty(2, min(chunk, len(pairs)), m, n, dtype=batch.A.dtype, device=batch.A.device)
             for i in range(0, len(pairs), chunk):
@@ -746,7 +746,7 @@ class LoRAProAdamW(_LoRAProOptimizer):
                     gA_adam[i:j], gB_adam[i:j], beta1=beta1, beta2=beta2, eps=eps,
                 )
         else:
-            work = _Workspace(rows, n, batch.A.dtype, batch.A.device, moments)
+            work = _Workspace(_block_rows(m, n, batch.A.device, moments), n, batch.A.dtype, batch.A.device, moments)
             for i, state in enumerate(states):
                 bc2 = 1.0 - beta2 ** steps[i]
                 _adam_on_equivalent_gradient(
@@ -755,8 +755,8 @@ class LoRAProAdamW(_LoRAProOptimizer):
                 )
         # U = (M / bc1) / (sqrt(V / bc2) + eps) = (sqrt(bc2) / bc1) * M / (sqrt(V) + eps sqrt(bc2)):
         # the constant and s are applied to the r-sized results, not to an m x n matrix; one op per bucket when
-        # its layers share their step count (the usual case), else per layer.
-        if len(set(steps)) == 1:
+        # its layers share their step count, else per layer.
+        if one_step:
             t = steps[0]
             c = batch.scale.mul(math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t))[:, None, None]
             gA_adam.mul_(c)
