@@ -12,7 +12,8 @@ Protocol (the paper's: one learning rate for all methods):
     in choosing anything.
   * One exception: ``lorapro-sgd`` is plain gradient descent, whose useful learning rates are orders of magnitude
     above Adam's (at the shared Adam lr it does not move); it gets its own sweep (``OWN_LRS``, same data and
-    budget, validation only), run by ``final`` when missing, and its best validation lr.
+    budget, validation only; a decade is added past an edge of the grid that is strictly its best), run by
+    ``final`` when missing, and its best validation lr.
   * ``final``: every method, several seeds. ``rank``: LoRA and LoRA-Pro at ranks 8 and 32. X's ablation is
     ``lorapro`` (Sylvester X) against ``lorapro-zero`` (X = 0) in ``final``.
   * ``tuned`` (secondary, not the paper's rule): full, LoRA and LoRA-Pro each at its own best validation lr.
@@ -51,6 +52,7 @@ METHODS = [
 SWEEP_METHODS = ["full", "lora", "lorapro"]
 # Methods swept on their own grid instead of using the shared lr (SGD's scale is not Adam's).
 OWN_LRS = {"lorapro-sgd": [1e-2, 1e-1, 1.0, 10.0]}
+OWN_LR_EXTEND = 2  # decades an own grid may grow past an edge that is strictly its best (see own_lr)
 DIAGNOSE = {"lora", "lorapro"}  # runs that record the paper's diagnostics in `final`
 
 EXPERIMENTS = {
@@ -182,21 +184,47 @@ def run_base(name: str, exp: dict, *, smoke: bool, threads: int | None) -> dict:
 
 
 def own_lr(name: str, exp: dict, method: str, *, smoke: bool, threads: int | None) -> float:
-    """The best validation lr of ``method`` on its own grid (``OWN_LRS``), sweeping what is missing."""
+    """The best validation lr of ``method`` on its own grid (``OWN_LRS``), sweeping what is missing.
+
+    When the grid's lowest or highest lr is strictly better than every other, the optimum may lie outside it:
+    the grid is extended by a decade on that side, up to ``OWN_LR_EXTEND`` times."""
     for lr in OWN_LRS[method][1:2] if smoke else OWN_LRS[method]:
+        run_one(name, exp, "sweep", method, lr=lr, seed=0, rank=exp["rank"], split="val", diagnostics=None,
+                smoke=smoke, threads=threads)
+    for _ in range(0 if smoke else OWN_LR_EXTEND):
+        lr = _beyond_edge(sweep_scores(name, method, smoke))
+        if lr is None:
+            break
         run_one(name, exp, "sweep", method, lr=lr, seed=0, rank=exp["rank"], split="val", diagnostics=None,
                 smoke=smoke, threads=threads)
     return best_lr(name, method, smoke)
 
 
-def best_lr(name: str, method: str, smoke: bool) -> float:
-    """The sweep's learning rate with the best validation score for ``method`` alone."""
+def _beyond_edge(scores: dict[float, float]) -> float | None:
+    """The lr a decade past the swept range when its edge is strictly the best, else None."""
+    lrs = sorted(scores)
+    if len(lrs) < 2:
+        return None
+    for edge, beyond in ((lrs[0], lrs[0] / 10), (lrs[-1], lrs[-1] * 10)):
+        if all(scores[edge] > v for lr, v in scores.items() if lr != edge):
+            return float(f"{beyond:.3g}")
+    return None
+
+
+def sweep_scores(name: str, method: str, smoke: bool) -> dict[float, float]:
+    """Validation score per swept lr of ``method``."""
     d = RESULTS / name / ("sweep" + ("-smoke" if smoke else ""))
     scores = {}
     for f in sorted(d.glob(f"{method}-lr*/metrics.json")):
         m = json.loads(f.read_text())
         if m["method"] == method:
             scores[m["config"]["lr"]] = _metric(m)
+    return scores
+
+
+def best_lr(name: str, method: str, smoke: bool) -> float:
+    """The sweep's learning rate with the best validation score for ``method`` alone."""
+    scores = sweep_scores(name, method, smoke)
     if not scores:
         raise SystemExit(f"no sweep result for {method} on {name}")
     return max(scores, key=lambda lr: (scores[lr], -lr))

@@ -44,3 +44,16 @@ def test_run_and_report_smoke(tmp_path):
     assert "lr 0.001 for every method (the paper's rule, chosen on validation), except lorapro-sgd at 0.1" in report
     assert "The untrained model scores" in report
     assert (tmp_path / "plots" / "rt_methods.png").is_file() and (tmp_path / "plots" / "rt_diagnostics.png").is_file()
+
+
+def test_own_grid_grows_past_a_strictly_best_edge():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        from run import _beyond_edge
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+    assert _beyond_edge({1e-2: 0.06, 1e-1: 0.0, 1.0: 0.01, 10.0: 0.0}) == 1e-3
+    assert _beyond_edge({1e-2: 0.2, 1e-1: 0.25, 1.0: 0.3, 10.0: 0.4}) == 100.0
+    assert _beyond_edge({1e-2: 0.2, 1e-1: 0.3, 1.0: 0.3, 10.0: 0.2}) is None  # the best is inside
+    assert _beyond_edge({1e-2: 0.544, 1e-1: 0.544, 1.0: 0.544, 10.0: 0.54}) is None  # a tie at the edge
+    assert _beyond_edge({1e-2: 0.5}) is None
