@@ -200,7 +200,7 @@ def own_lr(name: str, exp: dict, method: str, *, smoke: bool, threads: int | Non
     return best_lr(name, method, smoke)
 
 
-def _beyond_edge(scores: dict[float, float]) -> float | None:
+def _beyond_edge(scores: dict[float, tuple[float, float]]) -> float | None:
     """The lr a decade past the swept range when its edge is strictly the best, else None."""
     lrs = sorted(scores)
     if len(lrs) < 2:
@@ -211,19 +211,25 @@ def _beyond_edge(scores: dict[float, float]) -> float | None:
     return None
 
 
-def sweep_scores(name: str, method: str, smoke: bool) -> dict[float, float]:
-    """Validation score per swept lr of ``method``."""
+def sweep_key(m: dict) -> tuple[float, float]:
+    """How sweep runs of one method are ordered: the validation score, then (on a tie, as when every lr leaves
+    a classifier on the majority class or a generator at the same few exact answers) the lower loss."""
+    return (_metric(m), -m["eval_loss"])
+
+
+def sweep_scores(name: str, method: str, smoke: bool) -> dict[float, tuple[float, float]]:
+    """``sweep_key`` per swept lr of ``method``."""
     d = RESULTS / name / ("sweep" + ("-smoke" if smoke else ""))
     scores = {}
     for f in sorted(d.glob(f"{method}-lr*/metrics.json")):
         m = json.loads(f.read_text())
         if m["method"] == method:
-            scores[m["config"]["lr"]] = _metric(m)
+            scores[m["config"]["lr"]] = sweep_key(m)
     return scores
 
 
 def best_lr(name: str, method: str, smoke: bool) -> float:
-    """The sweep's learning rate with the best validation score for ``method`` alone."""
+    """The sweep's learning rate with the best ``sweep_key`` for ``method`` alone."""
     scores = sweep_scores(name, method, smoke)
     if not scores:
         raise SystemExit(f"no sweep result for {method} on {name}")

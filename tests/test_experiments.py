@@ -57,3 +57,6 @@ def test_own_grid_grows_past_a_strictly_best_edge():
     assert _beyond_edge({1e-2: 0.2, 1e-1: 0.3, 1.0: 0.3, 10.0: 0.2}) is None  # the best is inside
     assert _beyond_edge({1e-2: 0.544, 1e-1: 0.544, 1.0: 0.544, 10.0: 0.54}) is None  # a tie at the edge
     assert _beyond_edge({1e-2: 0.5}) is None
+    # (score, -loss) as run.py's sweep_key gives them: a tied score is ordered by the loss
+    assert _beyond_edge({1e-3: (0.06, -4.1), 1e-2: (0.06, -2.7), 1e-1: (0.0, -8.1), 1.0: (0.01, -6.0)}) is None
+    assert _beyond_edge({1e-3: (0.06, -2.6), 1e-2: (0.06, -2.7), 1e-1: (0.0, -8.1)}) == 1e-4
