@@ -19,7 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import EXPERIMENTS, METHODS, OWN_LRS, RESULTS, SWEEP_METHODS, _metric, best_lr, sweep_key  # noqa: E402
+from run import EXPERIMENTS, METHODS, OWN_LRS, RESULTS, SWEEP_METHODS, _metric, best_lr  # noqa: E402
 
 DOCS = HERE.parent / "docs"
 PLOTS = DOCS / "results"
@@ -97,8 +97,8 @@ def sweep_table(name: str) -> str:
         lines.append(f"| {lr:g} | " + " | ".join(row) + f" | {mean} |")
     best = []
     for m in methods:
-        rs = [r for r in runs if r["method"] == m]
-        top = max(rs, key=lambda r: (sweep_key(r), -r["config"]["lr"]))
+        lr = best_lr(name, m, SUFFIX == "-smoke")  # run.py's own choice, so the table shows what the runs used
+        top = next(r for r in runs if r["method"] == m and r["config"]["lr"] == lr)
         best.append(f"{m} {top['config']['lr']:g} ({_metric(top):.3f})")
     lines += ["", "Best validation lr per method: " + "; ".join(best) + "."]
     return "\n".join(lines) + "\n"

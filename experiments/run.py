@@ -188,15 +188,17 @@ def own_lr(name: str, exp: dict, method: str, *, smoke: bool, threads: int | Non
 
     When the grid's lowest or highest lr is strictly better than every other, the optimum may lie outside it:
     the grid is extended by a decade on that side, up to ``OWN_LR_EXTEND`` times."""
-    for lr in OWN_LRS[method][1:2] if smoke else OWN_LRS[method]:
+    def sweep(lr: float) -> None:
         run_one(name, exp, "sweep", method, lr=lr, seed=0, rank=exp["rank"], split="val", diagnostics=None,
                 smoke=smoke, threads=threads)
+
+    for lr in OWN_LRS[method][1:2] if smoke else OWN_LRS[method]:
+        sweep(lr)
     for _ in range(0 if smoke else OWN_LR_EXTEND):
         lr = _beyond_edge(sweep_scores(name, method, smoke))
         if lr is None:
             break
-        run_one(name, exp, "sweep", method, lr=lr, seed=0, rank=exp["rank"], split="val", diagnostics=None,
-                smoke=smoke, threads=threads)
+        sweep(lr)
     return best_lr(name, method, smoke)
 
 
