@@ -66,6 +66,26 @@ def _resolve_group(params: Any) -> tuple[list[LoRAPair], list[Tensor]]:
     return pairs, others
 
 
+def _describe(t: Tensor, pairs: Sequence[LoRAPair]) -> str:
+    for i, p in enumerate(pairs):
+        for label, f in (("A", p.A), ("B", p.B)):
+            if f is t:
+                return f"{p.name or f'pair{i}'}'s {label}"
+    return f"a tensor of shape {tuple(t.shape)}"
+
+
+def _refuse_duplicates(group: dict[str, Any], pairs: Sequence[LoRAPair]) -> None:
+    """A tensor listed twice in one group would be stepped twice per step (torch only warns): refuse it."""
+    seen: set[int] = set()
+    for t in group["params"]:
+        if id(t) in seen:
+            raise ValueError(
+                f"{_describe(t, pairs)} is given twice (e.g. as a factor of a pair and again on its own); "
+                "every tensor may appear once, or it would be stepped twice per step"
+            )
+        seen.add(id(t))
+
+
 def _resolve_params(params: ParamsLike) -> tuple[list[dict[str, Any]], list[LoRAPair]]:
     if isinstance(params, nn.Module):
         items: list[Any] = [{"params": params}]
@@ -83,6 +103,7 @@ def _resolve_params(params: ParamsLike) -> tuple[list[dict[str, Any]], list[LoRA
         pairs, others = _resolve_group(spec["params"])
         group = {k: v for k, v in spec.items() if k != "params"}
         group["params"] = [t for p in pairs for t in (p.A, p.B)] + others
+        _refuse_duplicates(group, pairs)
         groups.append(group)
         all_pairs.extend(pairs)
     if not all_pairs:
@@ -396,6 +417,7 @@ class _LoRAProOptimizer(Optimizer):
         else:
             self._group, self._rank, self._world = _normalize_process_group(process_group)
         self._owner = _assign_owners(pairs, self._world)  # id(B) -> the rank that keeps the pair's state
+        self._comm_device = pairs[0].A.device  # where the per-step agreement's integers travel (CUDA for NCCL)
         super().__init__(groups, defaults)
         for group in self.param_groups:
             self._validate_group(group)
@@ -435,16 +457,28 @@ class _LoRAProOptimizer(Optimizer):
                 if pair.A.grad is not None or pair.B.grad is not None:
                     pairs.append(pair)  # all of them: _sync_pairs needs the same list on every rank
             elif p.grad is not None:
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 others.append(p)
         return pairs, others
 
-    def _grads_finite(self) -> bool:
+    def _params_with_labels(self) -> list[tuple[Tensor, str]]:
+        params = [p for group in self.param_groups for p in group["params"]]
+        return [(p, _describe(p, self._pairs)) for p in params]
+
+    def _check_grads(self) -> bool:
+        """Whether every gradient is finite; raises on a sparse gradient or, across ranks, on ranks that
+        disagree about which tensors have a gradient.
+
+        With a process group each rank contributes (its own non-finite flag, its sparse flag, which tensors
+        have a gradient) to one all-reduce of a few integers, so every rank reaches the same decision: skip
+        the step, raise the same error, or step the same list of layers. A rank deciding alone could step
+        layers the others do not (their new factors summed into another rank's) or wait in a collective the
+        others never enter.
+        """
+        labelled = self._params_with_labels()
+        sparse = [label for p, label in labelled if p.grad is not None and p.grad.is_sparse]
         grads = [
             p.grad.to_local() if is_dtensor(p.grad) else p.grad
-            for group in self.param_groups
-            for p in group["params"]
+            for p, _ in labelled
             if p.grad is not None and not p.grad.is_sparse
         ]
         by_device: dict[torch.device, list[Tensor]] = {}
@@ -454,14 +488,33 @@ class _LoRAProOptimizer(Optimizer):
         # One max-|g| per tensor (NaN and Inf propagate), a foreach call per device instead of two ops per tensor.
         flags = [torch.stack(torch._foreach_norm(gs, math.inf)).isfinite().all() for gs in by_device.values()]
         ok = not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
-        if self._dt is not None:  # each rank sees only its shards: agree on skipping
-            import torch.distributed as dist
+        if self._world == 1:
+            if sparse:
+                raise RuntimeError(self._sparse_message(sparse[0]))
+            return ok
+        import torch.distributed as dist
 
-            device = grads[0].device if grads else torch.device("cpu")
-            flag = torch.tensor([int(ok)], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._group)
-            ok = bool(flag.item())
-        return ok
+        votes = [int(not ok), int(bool(sparse))] + [int(p.grad is not None) for p, _ in labelled]
+        counts = torch.tensor(votes, dtype=torch.int64, device=self._comm_device)
+        dist.all_reduce(counts, group=self._group)
+        not_finite, with_sparse, *have_grad = counts.tolist()
+        if with_sparse:
+            raise RuntimeError(self._sparse_message(sparse[0] if sparse else "a tensor on another rank"))
+        split = [(label, k) for (_, label), k in zip(labelled, have_grad) if 0 < k < self._world]
+        if split:
+            shown = ", ".join(f"{label} on {k} of {self._world} ranks" for label, k in split[:3])
+            more = f" and {len(split) - 3} more" if len(split) > 3 else ""
+            raise RuntimeError(
+                f"{type(self).__name__}: the ranks disagree on which tensors have a gradient ({shown}{more} have one); "
+                "the optimizer state is sharded over the ranks, so every rank must hold the same (averaged) "
+                "gradients, as DDP and FSDP give them. Nothing was stepped. A layer that some ranks do not use "
+                "still needs a gradient on every rank (e.g. DDP(find_unused_parameters=True), or add 0 * its "
+                "output to the loss)"
+            )
+        return not_finite == 0
+
+    def _sparse_message(self, label: str) -> str:
+        return f"{type(self).__name__} does not support sparse gradients (got one for {label})"
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -474,7 +527,7 @@ class _LoRAProOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self._grads_finite():
+        if not self._check_grads():
             warnings.warn(
                 f"{type(self).__name__}: a gradient is NaN or Inf; the step was skipped (parameters and state unchanged)",
                 RuntimeWarning,
@@ -536,7 +589,13 @@ class _LoRAProOptimizer(Optimizer):
 
         ``torch.optim.Optimizer`` casts floating state to the parameter's dtype, which would round fp32
         moments of bf16/fp16 parameters; here the saved dtype is restored from the saved value itself.
+
+        Raises:
+            ValueError: if the state dict was saved by another optimizer (``torch.optim.AdamW``,
+                :class:`LoRAProSGD` into :class:`LoRAProAdamW`, ...) or for other layers: the message says what
+                it holds, and nothing is loaded.
         """
+        self._check_loadable(state_dict)
         super().load_state_dict(state_dict)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -549,6 +608,53 @@ class _LoRAProOptimizer(Optimizer):
                     loaded = self.state[param][key]
                     if loaded.dtype != value.dtype:
                         self.state[param][key] = value.to(device=param.device, copy=True)
+
+    # Hyperparameters every group of this optimizer's state dicts has, and ones that only another optimizer's have.
+    _GROUP_KEYS: tuple[str, ...] = ("lr", "weight_decay", "x_mode")
+    _FOREIGN_GROUP_KEYS: tuple[str, ...] = ()
+
+    def _expected_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+        """The state keys (other than ``step``) a saved entry of ``param`` may hold, with their shapes."""
+        return {}
+
+    def _check_loadable(self, state_dict: Any) -> None:
+        name = f"{type(self).__name__}.load_state_dict"
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+            raise ValueError(f"{name}: not an optimizer state dict (it needs 'state' and 'param_groups')")
+        groups = state_dict["param_groups"]
+        for i, g in enumerate(groups):
+            missing = [k for k in self._GROUP_KEYS if k not in g]
+            foreign = [k for k in self._FOREIGN_GROUP_KEYS if k in g]
+            if missing or foreign:
+                maker = (
+                    "torch.optim.Adam/AdamW" if "amsgrad" in g else "LoRAProAdamW" if "moments" in g
+                    else "LoRAProSGD" if "x_mode" in g else "another optimizer"
+                )
+                problem = f"lacks {', '.join(missing)}" if missing else f"has {', '.join(foreign)}"
+                raise ValueError(
+                    f"{name}: parameter group {i} of this state dict {problem}: it was saved by {maker}, not "
+                    f"{type(self).__name__}; nothing was loaded"
+                )
+        if len(groups) != len(self.param_groups) or any(
+            len(g["params"]) != len(mine["params"]) for g, mine in zip(groups, self.param_groups)
+        ):
+            return  # torch's own check names this mismatch
+        for g, mine in zip(groups, self.param_groups):
+            for saved_id, param in zip(g["params"], mine["params"]):
+                saved = state_dict["state"].get(saved_id)
+                if not saved:
+                    continue
+                expected = self._expected_state(param, g)
+                found = {k: tuple(v.shape) for k, v in saved.items() if k != "step" and isinstance(v, Tensor)}
+                if found != expected:
+                    def show(d: dict[str, tuple[int, ...]]) -> str:
+                        return ", ".join(f"{k} {list(v)}" for k, v in sorted(d.items())) or "nothing"
+
+                    raise ValueError(
+                        f"{name}: the saved state of {_describe(param, self._pairs)} holds {show(found)}, where "
+                        f"{type(self).__name__} with these settings keeps {show(expected)}: the state dict was "
+                        "saved by another optimizer, with other moments, or for another model; nothing was loaded"
+                    )
 
 
 class LoRAProSGD(_LoRAProOptimizer):
@@ -589,6 +695,8 @@ class LoRAProSGD(_LoRAProOptimizer):
         _check_nonneg("weight_decay", weight_decay)
         _check_x_mode(x_mode)
         super().__init__(params, {"lr": lr, "x_mode": x_mode, "weight_decay": weight_decay}, process_group)
+
+    _FOREIGN_GROUP_KEYS = ("betas", "moments")
 
     def _step_pairs(self, group: dict[str, Any], pairs: list[LoRAPair]) -> None:
         batch = _stack_pairs(pairs)
@@ -688,6 +796,21 @@ class LoRAProAdamW(_LoRAProOptimizer):
         if fused and moments not in FUSED_MOMENT_MODES:
             modes = " or ".join(map(repr, FUSED_MOMENT_MODES))
             raise ValueError(f"fused=True is for moments {modes}, not {moments!r}")
+
+    _GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "x_mode", "moments")
+
+    def _expected_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+        moments = group["moments"]
+        if moments != "efficient" and id(param) in self._pair_A_ids:
+            return {}  # a pair's moments live with its B
+        pair = self._pair_by_B.get(id(param))
+        if moments == "efficient" or pair is None:
+            shape = tuple(param.shape)
+            return {"exp_avg": shape, "exp_avg_sq": shape}
+        m, n = pair.shape
+        if moments == "factored":
+            return {"exp_avg": (m, n), "exp_avg_sq_row": (m,), "exp_avg_sq_col": (n,)}
+        return {"exp_avg": (m, n), "exp_avg_sq": (m, n)}
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)

@@ -166,6 +166,67 @@ def _iter_module_pairs(name: str, module: nn.Module) -> Iterator[tuple[str | Non
                 yield None, A, B, float(scaling), transposed
 
 
+# The PEFT tuner layers (``BaseTunerLayer.adapter_layer_names``) whose trainable weights are LoRA's: a layer
+# holding any other trainable adapter weights does not compute Delta W = s B A.
+_LORA_WEIGHT_NAMES = frozenset(
+    {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"}
+)
+# Why a known tuner's update is not s B A, for the error message (keyed by a weight name only that tuner has).
+_NOT_SBA = {
+    "lora_E": "AdaLoRA: Delta W = B (E * A) s / ranknum, with a trainable singular-value vector E",
+    "hada_w1_a": "LoHa: Delta W is a Hadamard product of two low-rank products",
+    "lokr_w1": "LoKr: Delta W is a Kronecker product",
+    "lokr_w1_a": "LoKr: Delta W is a Kronecker product",
+    "vera_lambda_b": "VeRA: Delta W = diag(b) B diag(d) A with frozen shared random B and A",
+    "oft_R": "OFT: the weight is rotated by a trainable orthogonal matrix",
+    "boft_R": "BOFT: the weight is rotated by butterfly-factored orthogonal matrices",
+    "ia3_l": "IA3: a trainable vector rescales the activations",
+    "fourierft_spectrum": "FourierFT: Delta W is the inverse Fourier transform of sparse spectral coefficients",
+}
+# PEFT LoRA variants (``module.lora_variant[adapter]``) whose forward is still W0 x + s B A x, possibly with a
+# magnitude trained outside the pair (DoRA) or applied to some tokens only (aLoRA): LoRA-Pro's projection is
+# exact for them. Any other variant changes how A and B make the update and is refused.
+_SBA_VARIANTS = ("Dora", "ALora", "MiCA", "Velora")
+_ONLY_SBA = "LoRA-Pro's projection is exact only for Delta W = s * B @ A (PEFT LoRA, rsLoRA, DoRA, aLoRA)"
+# Trainable PEFT wrappers that train alongside LoRA as ordinary tensors (LoraConfig's modules_to_save and
+# trainable_token_indices).
+_ORDINARY_TUNER_LAYERS = frozenset({"modules_to_save", "trainable_tokens_delta", "token_adapter.trainable_tokens_delta"})
+
+
+def _trainable(holder: Any) -> bool:
+    if isinstance(holder, Tensor):
+        return holder.requires_grad
+    if isinstance(holder, nn.Module):
+        return any(p.requires_grad for p in holder.parameters())
+    return False
+
+
+def _refuse_foreign_tuner(name: str, module: nn.Module) -> None:
+    """Raise if ``module`` is a trainable PEFT tuner layer whose update is not ``s B A``."""
+    names = getattr(module, "adapter_layer_names", None)
+    if not isinstance(names, tuple) or not all(isinstance(n, str) for n in names):
+        return
+    if not any(_trainable(getattr(module, n, None)) for n in names):
+        return
+    foreign = [n for n in names if n not in _LORA_WEIGHT_NAMES and n not in _ORDINARY_TUNER_LAYERS]
+    if foreign:
+        reason = next((_NOT_SBA[n] for n in foreign if n in _NOT_SBA), None)
+        reason = reason or f"its trainable adapter weights ({', '.join(foreign)}) do not form Delta W = s B A"
+        raise ValueError(
+            f"{name} ({type(module).__name__}) is a PEFT tuner layer LoRA-Pro cannot train: {reason}. {_ONLY_SBA}; "
+            "train this model with an ordinary optimizer, or pass LoRAPair objects and tensors for the layers you mean"
+        )
+    variants = getattr(module, "lora_variant", None)
+    if isinstance(variants, dict):
+        for adapter, variant in variants.items():
+            kind = type(variant).__name__
+            if not kind.startswith(_SBA_VARIANTS):
+                raise ValueError(
+                    f"{name} (adapter {adapter!r}) uses the PEFT LoRA variant {kind}, which changes how A and B "
+                    f"make the weight update. {_ONLY_SBA}"
+                )
+
+
 def find_lora_pairs(model: nn.Module) -> list[LoRAPair]:
     """Every trainable LoRA pair of ``model``, in module order: one entry per adapted layer and adapter.
 
@@ -173,12 +234,15 @@ def find_lora_pairs(model: nn.Module) -> list[LoRAPair]:
     (``module.scaling[adapter]``), so ``use_rslora``, ``rank_pattern`` and ``alpha_pattern`` are respected.
 
     Raises:
-        ValueError: if no trainable pair is found (the message says what was searched for).
+        ValueError: if no trainable pair is found (the message says what was searched for), or if a trainable
+            PEFT layer's update is not ``s B A`` (AdaLoRA, LoHa, LoKr, VeRA, OFT, BOFT, IA3, FourierFT and other
+            tuners, and LoRA variants other than DoRA / aLoRA): the message names the layer and the reason.
     """
     pairs: list[LoRAPair] = []
     half_trainable: list[str] = []
     seen: set[int] = set()
     for name, module in model.named_modules():
+        _refuse_foreign_tuner(name, module)
         for adapter, A, B, scale, transposed in _iter_module_pairs(name, module):
             label = f"{name}[{adapter}]" if adapter is not None else name
             if not (A.requires_grad and B.requires_grad):
