@@ -1,8 +1,8 @@
 """How the CPU row-block size of the Adam pass changes the LoRA-Pro step, against the step's floor.
 
-The optimizer walks each layer's m x n work in blocks of rows (``lorapro.optim._block_rows``); on a CPU a
-block holds ``_CPU_BLOCK_ELEMENTS * threads^2`` elements at most. This script sets the per-thread base size
-to each value given and times ``LoRAProAdamW.step`` (default and ``fused=True``) on ``lorapro bench``'s layers,
+The optimizer walks each layer's m x n work in blocks of rows (``lorapro.moments.block_rows``); on a CPU a
+block holds ``CPU_BLOCK_ELEMENTS * threads^2`` elements at most by default. This script builds one optimizer
+per per-thread base size given (``LoRAProAdamW(block_elements=base * threads^2)``) and times ``LoRAProAdamW.step`` (default and ``fused=True``) on ``lorapro bench``'s layers,
 round-robin: every round times the floor (moment traffic + rank-r products, as ``lorapro bench``) and then
 every block size, and the reported figure is the median over rounds of step / floor of that round, so the
 machine's drift between rounds cancels.
@@ -22,7 +22,7 @@ import time
 
 import torch
 
-import lorapro.optim as optim
+from lorapro.moments import STORAGES, block_rows
 from lorapro.bench import Layers, candidates, parse_shapes
 
 
@@ -38,42 +38,38 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     bases = [int(x) << 10 for x in args.base.split(",")]
     layers = Layers(parse_shapes(args.shapes), args.rank, torch.float32, torch.device("cpu"))
-    steps = candidates(layers, ["lorapro", "lorapro-fused", "floor-traffic", "floor-products"])
-    default = optim._CPU_BLOCK_ELEMENTS
+    steps = candidates(layers, ["floor-traffic", "floor-products"])
+    for base in bases:
+        ours = candidates(layers, ["lorapro", "lorapro-fused"], block_elements=base * args.threads**2)
+        steps.update({(name, base): step for name, step in ours.items()})
 
-    def timed(name: str, base: int) -> float:
-        optim._CPU_BLOCK_ELEMENTS = base
+    def timed(key) -> float:
         start = time.perf_counter()
-        steps[name]()
+        steps[key]()
         return time.perf_counter() - start
 
-    try:
-        for name in ("lorapro", "lorapro-fused"):  # warm-up (and the fused pass's compilation)
+    for name in ("lorapro", "lorapro-fused"):  # warm-up (and the fused pass's compilation)
+        for base in bases:
+            timed((name, base))
+            timed((name, base))
+    floors: list[float] = []
+    ratios: dict[tuple[str, int], list[float]] = {}
+    for _ in range(args.rounds):
+        floor = timed("floor-traffic") + timed("floor-products")
+        floors.append(floor)
+        for name in ("lorapro", "lorapro-fused"):
             for base in bases:
-                timed(name, base)
-                timed(name, base)
-        floors: list[float] = []
-        ratios: dict[tuple[str, int], list[float]] = {}
-        for _ in range(args.rounds):
-            floor = timed("floor-traffic", default) + timed("floor-products", default)
-            floors.append(floor)
-            for name in ("lorapro", "lorapro-fused"):
-                for base in bases:
-                    ratios.setdefault((name, base), []).append(timed(name, base) / floor)
-    finally:
-        optim._CPU_BLOCK_ELEMENTS = default
+                ratios.setdefault((name, base), []).append(timed((name, base)) / floor)
     m, n = layers.shapes[0]
     print(f"{args.shapes}, r {args.rank}, {args.threads} thread(s), {args.rounds} rounds; "
           f"floor median {statistics.median(floors) * 1e3:.1f} ms")
     print("step | base Ki | block rows (first shape) | x floor, median of rounds | quartiles")
     rows = []
     for (name, base), values in ratios.items():
-        optim._CPU_BLOCK_ELEMENTS = base
-        block_rows = optim._block_rows(m, n, torch.device("cpu"), "full")
-        optim._CPU_BLOCK_ELEMENTS = default
+        rows_used = block_rows(m, n, torch.device("cpu"), STORAGES["full"].workspace_blocks, base * args.threads**2)
         q = statistics.quantiles(values, n=4)
-        print(f"{name} | {base >> 10} | {block_rows} | {statistics.median(values):.3f} | {q[0]:.2f} .. {q[2]:.2f}")
-        rows.append({"step": name, "base_ki": base >> 10, "block_rows": block_rows,
+        print(f"{name} | {base >> 10} | {rows_used} | {statistics.median(values):.3f} | {q[0]:.2f} .. {q[2]:.2f}")
+        rows.append({"step": name, "base_ki": base >> 10, "block_rows": rows_used,
                      "x_floor_median": statistics.median(values), "x_floor_quartiles": [q[0], q[2]]})
     if args.json:
         with open(args.json, "w") as f:

@@ -12,7 +12,7 @@ Two tables:
    parameters and that the measured numbers equal the formulas used for table 2.
 2. **Computed** for Llama-2-7B (32 layers, d = 4096, f = 11008, all 7 linear modules, r = 8, bf16
    parameters and gradients, float32 moments): per-rank moment memory from the optimizer's own ownership
-   rule (``lorapro.optim._assign_owners``), the optimizer's all-reduce per step (``_sync_pairs`` sends A and
+   rule (``lorapro.sharding.assign_owners``), the optimizer's all-reduce per step (``Sharding.finish`` sends A and
    B of every pair in their dtype: r (m + n) numbers per layer), DDP's LoRA-gradient all-reduce, and, for
    context, unsharded moments and the gradient all-reduce of full fine-tuning under DDP.
 
@@ -67,8 +67,8 @@ def ring_bytes(buffer_bytes: int, world: int) -> float:
 
 
 def owner_loads(shapes: list[tuple[int, int]], world: int) -> list[int]:
-    """Adapted elements (sum of m * n) each rank owns, by the optimizer's own rule ``_assign_owners``."""
-    from lorapro.optim import _assign_owners
+    """Adapted elements (sum of m * n) each rank owns, by the optimizer's own rule ``lorapro.sharding.assign_owners``."""
+    from lorapro.sharding import assign_owners as _assign_owners
 
     fakes = [SimpleNamespace(shape=(m, n), B=object()) for m, n in shapes]
     owner = _assign_owners(fakes, world)
@@ -248,6 +248,7 @@ def _worker(rank: int, world: int, init_file: str, out_path: str, cfg_dict: dict
             "owned": owned, "identical": identical, "changed": not torch.equal(final, start),
             "pairs": [(p.name, p.rank, *p.shape, str(p.A.dtype)) for p in opt.pairs],
             "param_elem": model.blocks[0].q.lora_A.weight.element_size(),
+            "optimizer_tensors": sum(len(g["params"]) for g in opt.param_groups),
             "other_trainable_bytes": sum(
                 p.numel() * p.element_size() for p in model.parameters()
                 if p.requires_grad and id(p) not in {id(t) for q in opt.pairs for t in (q.A, q.B)}
@@ -313,7 +314,11 @@ def measure(world: int, cfg: SmallConfig, workdir: str | None = None, start_meth
         "moment_bytes_per_rank": [r["moment_bytes"] for r in ranks],
         "rest_bytes_per_rank": [r["rest_bytes"] for r in ranks],
         # the formulas of table 2, for this model
-        "predicted_opt_bytes": sum(r * (m + n) for _, r, m, n, _ in pairs) * elem if world > 1 else 0,
+        # the new factors, plus the step's agreement (Sharding.agree: int64 non-finite and sparse flags and one
+        # has-gradient flag per tensor the optimizer holds)
+        "predicted_opt_bytes": (
+            sum(r * (m + n) for _, r, m, n, _ in pairs) * elem + 8 * (2 + r0["optimizer_tensors"]) if world > 1 else 0
+        ),
         "predicted_ddp_bytes": sum(r * (m + n) for _, r, m, n, _ in pairs) * elem + r0["other_trainable_bytes"],
         "predicted_moment_bytes_per_rank": [moment_elem * x for x in loads],
         "unsharded_moment_bytes": moment_elem * sum(m * n for _, _, m, n, _ in pairs),
@@ -356,7 +361,7 @@ def computed_llama(
     rows = []
     for w in worlds:
         loads = owner_loads(shapes, w)
-        opt = lora * param_bytes if w > 1 else 0  # _sync_pairs: A and B of every pair, in their dtype
+        opt = lora * param_bytes if w > 1 else 0  # Sharding.finish: A and B of every pair, in their dtype
         ddp = lora * grad_bytes  # DDP all-reduces the trainable (LoRA) gradients only
         rows.append({
             "world": w,
@@ -428,7 +433,7 @@ def computed_table(llama: dict[str, Any]) -> str:
         f"parameters, {llama['adapted_elements']:,} adapted weight elements), {llama['param_bytes']}-byte parameters "
         f"and gradients, {llama['moment_bytes_per_element']} bytes of moments per adapted element. Per step; "
         "bytes are logical all-reduce buffers, 'ring' = 2(W-1)/W x buffer sent per rank. Moment placement by "
-        "lorapro.optim._assign_owners. Full fine-tuning: DDP's gradient all-reduce of the 7 modules' weights "
+        "lorapro.sharding.assign_owners. Full fine-tuning: DDP's gradient all-reduce of the 7 modules' weights "
         f"(whole model incl. embeddings/lm_head/norms: {llama['whole_model_elements']:,} elements).",
         "",
         "| W | moments / rank, sharded (max) | moments / rank, unsharded | opt. all-reduce / step | opt. ring / rank "

@@ -99,7 +99,7 @@ def test_sharded_run_equals_single_process(tmp_path, world, kind):
 
 
 def test_owner_assignment_balances_moment_memory():
-    from lorapro.optim import _assign_owners
+    from lorapro.sharding import assign_owners as _assign_owners
     from lorapro.pairs import LoRAPair
 
     shapes = [(64, 64)] * 6 + [(256, 64)] * 2 + [(32, 32)] * 5

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lorapro
-from lorapro.optim import stochastic_round_to_bf16_
+from lorapro.moments import stochastic_round_to_bf16_
 from models import tiny_batch, tiny_peft, train_tiny
 from test_training import _lora_linear, _regression_problem
 
@@ -95,7 +95,7 @@ def test_unknown_option_is_refused():
 def test_workspace_is_at_most_one_weight_matrix_per_shape(threads):
     """Transient memory of the Adam pass: at most half an m x n float32 matrix per distinct shape, on any device
     (sized on the meta device: the accelerator rule, without an accelerator)."""
-    from lorapro.optim import _CPU_BLOCK_ELEMENTS, _block_rows, _Workspace
+    from lorapro.moments import CPU_BLOCK_ELEMENTS, STORAGES, block_rows
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -103,15 +103,15 @@ def test_workspace_is_at_most_one_weight_matrix_per_shape(threads):
         for m, n in [(4096, 4096), (11008, 4096), (4096, 11008), (7, 3), (1, 5)]:
             for moments in ("full", "bf16", "factored"):
                 for device in (torch.device("meta"), torch.device("cpu")):
-                    rows = _block_rows(m, n, device, moments)
+                    rows = block_rows(m, n, device, STORAGES[moments].workspace_blocks)
                     assert 1 <= rows <= m
-                    ws = _Workspace(rows, n, torch.float32, torch.device("meta"), moments)
+                    ws = STORAGES[moments].workspace(rows, n, torch.float32, torch.device("meta"))
                     parts = [ws.work, ws.M, ws.V, ws.col, ws.noise]
                     total = sum(t.numel() * t.element_size() for t in parts if t is not None)
                     # half an m x n float32 matrix (plus a row per buffer when m is tiny), never per layer
                     assert total <= 4 * (m * n // 2 + 6 * n), (m, n, moments, total)
                     if device.type == "cpu":  # and blocks of the CPU size: cache-sized on one thread, T^2 that on T
-                        block = _CPU_BLOCK_ELEMENTS * threads**2
+                        block = CPU_BLOCK_ELEMENTS * threads**2
                         assert total <= 4 * (5 * block + 6 * n), (m, n, moments, total)
                         if threads == 1 and m * n >= 4 * block:
                             assert total <= 4 * 5 * block  # really cache-sized, not the half-matrix bound

@@ -1,4 +1,4 @@
-"""Both optimizers agree with the literal float64 transcription of SPEC (tests/reference.py) to 1e-10.
+"""Both optimizers agree with the literal float64 transcription of docs/algorithm.md (tests/reference.py) to 1e-10.
 
 Covered: Linear, Conv2d, Embedding (Tiny) and GPT-2 Conv1D layers; rsLoRA, rank_pattern and alpha_pattern;
 two trainable adapters; modules_to_save; from PEFT's B = 0 start and from a generic point; both choices of X;
@@ -135,9 +135,9 @@ def test_other_params_train_exactly_like_torch_adamw():
 @pytest.mark.parametrize("block_elements", [1, 40])
 def test_row_blocked_moment_update_matches_reference(monkeypatch, block_elements):
     """The CPU path walks each layer's m x n work in row blocks; tiny blocks must not change the result."""
-    import lorapro.optim
+    import lorapro.moments
 
-    monkeypatch.setattr(lorapro.optim, "_CPU_BLOCK_ELEMENTS", block_elements)
+    monkeypatch.setattr(lorapro.moments, "CPU_BLOCK_ELEMENTS", block_elements)
     model = tiny_peft(dtype=torch.float64, init_lora_weights=False)
     batches = [tiny_batch(seed=i, dtype=torch.float64) for i in range(STEPS)]
     _run_both(model, tiny_loss, batches, "adamw", "sylvester", 1e-2)
@@ -154,9 +154,9 @@ def test_memory_lean_moments_match_reference(monkeypatch, moments, init, block_e
     columns can be almost collinear (cond(B^T B) ~ 3e11 seen on the conv layer), so any two correct
     implementations then agree only to ~1e-7.
     """
-    import lorapro.optim
+    import lorapro.moments
 
-    monkeypatch.setattr(lorapro.optim, "_CPU_BLOCK_ELEMENTS", block_elements)
+    monkeypatch.setattr(lorapro.moments, "CPU_BLOCK_ELEMENTS", block_elements)
     model = tiny_peft(dtype=torch.float64, init_lora_weights=init)
     batches = [tiny_batch(seed=i, dtype=torch.float64) for i in range(STEPS)]
     _run_both(model, tiny_loss, batches, "adamw", "sylvester", 1e-2, weight_decay=0.01, moments=moments)
@@ -167,17 +167,17 @@ def test_small_layers_in_chunks_match_reference(monkeypatch, per_chunk):
     """Layers smaller than a block go through the Adam pass several at a time (one batched product and one
     foreach call per elementwise pass); one at a time or in chunks (5 layers: a short last chunk), the steps
     are the reference's."""
-    import lorapro.optim
+    import lorapro.moments
 
     chunks = []
-    real = lorapro.optim._adam_on_equivalent_gradients_chunk
+    real = lorapro.moments.FP32Moments.update_chunk
 
-    def spy(left, *args, **kwargs):
+    def spy(self, left, *args, **kwargs):
         chunks.append(left.shape[0])
-        return real(left, *args, **kwargs)
+        return real(self, left, *args, **kwargs)
 
-    monkeypatch.setattr(lorapro.optim, "_layers_per_chunk", lambda m, n, device: per_chunk)
-    monkeypatch.setattr(lorapro.optim, "_adam_on_equivalent_gradients_chunk", spy)
+    monkeypatch.setattr(lorapro.moments, "layers_per_chunk", lambda m, n, device, block_elements=None: per_chunk)
+    monkeypatch.setattr(lorapro.moments.FP32Moments, "update_chunk", spy)
     torch.manual_seed(0)
     layers = nn.ModuleList(CustomLoRA(7, 5, 3, s=0.7) for _ in range(5)).double()
     ref_layers = copy.deepcopy(layers)

@@ -146,19 +146,26 @@ def _restore(layers: Layers, snapshot: list[torch.Tensor]) -> None:
             t.copy_(s)
 
 
-def candidates(layers: Layers, which: list[str]) -> dict[str, Callable[[], Any] | str]:
-    """name -> a zero-argument step function, or a string saying why the row is skipped."""
+def candidates(
+    layers: Layers, which: list[str], *, block_elements: int | None = None
+) -> dict[str, Callable[[], Any] | str]:
+    """name -> a zero-argument step function, or a string saying why the row is skipped.
+    ``block_elements``: passed to the LoRA-Pro optimizers (their m x n pass's block size)."""
     import lorapro
 
     lr = 1e-4  # tiny steps: the factors stay well conditioned over many repeats
     out: dict[str, Callable[[], Any] | str] = {}
+
+    def ours(**kw: Any) -> Callable[[], Any]:
+        return lorapro.LoRAProAdamW(layers.pairs(), lr=lr, block_elements=block_elements, **kw).step
+
     if "lorapro" in which:
-        out["lorapro"] = lorapro.LoRAProAdamW(layers.pairs(), lr=lr).step
+        out["lorapro"] = ours()
     for moments in ("bf16", "factored", "efficient"):
         if f"lorapro-{moments}" in which:
-            out[f"lorapro-{moments}"] = lorapro.LoRAProAdamW(layers.pairs(), lr=lr, moments=moments).step
+            out[f"lorapro-{moments}"] = ours(moments=moments)
     if "lorapro-fused" in which:  # the first (warm-up) step compiles the fused pass
-        out["lorapro-fused"] = lorapro.LoRAProAdamW(layers.pairs(), lr=lr, fused=True).step
+        out["lorapro-fused"] = ours(fused=True)
     if "paper-literal" in which:
         path = Path(__file__).resolve().parents[2] / "benchmarks" / "paper_step.py"
         if path.is_file():

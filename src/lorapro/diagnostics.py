@@ -93,7 +93,10 @@ class GradientDiagnostics:
             pairs = find_lora_pairs(model)
         self.pairs = [p for p in pairs if p.base_weight is not None]
         if not self.pairs:
-            raise ValueError("none of the LoRA pairs has a known base weight; the full gradient cannot be measured")
+            raise ValueError(
+                "none of the LoRA pairs has a known float base weight (quantized base layers have none); the full "
+                "gradient cannot be measured"
+            )
         self.every = every
         self.records: list[dict[str, Any]] = []
         self._handles: list[Any] = []

@@ -19,7 +19,7 @@ gradient* ``G = s B a + s b A``. LoRA-Pro chooses ``(a, b)`` so that ``G`` is th
 and picks ``X`` (which does not change ``G``) to keep ``(a, b)`` closest to ``(g_A, g_B)``: the Sylvester
 equation ``(B^T B) X + X (A A^T) = -(1/s^2) (B^T B)^{-1} g_A A^T``.
 
-Inverse rule (the "damping" of SPEC section 7). Both Gram matrices are symmetric positive semi-definite and
+Inverse rule (the "damping" of docs/algorithm.md section 7). Both Gram matrices are symmetric positive semi-definite and
 are inverted through one symmetric eigendecomposition each, as a *pseudo-inverse*: an eigenvalue
 ``lam <= max(rcond * lam_max, sqrt(tiny))`` counts as zero (``rcond = r * eps`` of the compute dtype). So
 
@@ -41,10 +41,16 @@ All r x r algebra runs in float32 or wider: inputs of lower precision are promot
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+import functools
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .moments import MomentStorage
 
 XMode = Literal["sylvester", "zero"]
 X_MODES: tuple[str, ...] = ("sylvester", "zero")
@@ -53,6 +59,7 @@ __all__ = [
     "X_MODES",
     "EigenFactor",
     "LoRAFactors",
+    "adam_on_equivalent_gradient",
     "adjusted_lora_gradients",
     "compute_dtype",
     "eigh_psd",
@@ -181,7 +188,7 @@ def adjusted_lora_gradients(
     factors: LoRAFactors | None = None,
     rcond: float | None = None,
 ) -> tuple[Tensor, Tensor]:
-    r"""LoRA-Pro's adjusted gradients ``(a, b)`` for the LoRA gradients ``(gA, gB)`` (SPEC sections 3 and 4).
+    r"""LoRA-Pro's adjusted gradients ``(a, b)`` for LoRA gradients ``(gA, gB)`` (docs/algorithm.md sections 3 and 4).
 
     .. math::
         a = \tfrac{1}{s^2} (B^\top B)^{+} g_A + X A, \qquad
@@ -205,3 +212,91 @@ def adjusted_lora_gradients(
         a = a + X @ A
         b = b - B @ X
     return a, b
+
+
+@functools.lru_cache(maxsize=256)
+def scale_vector(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The per-layer scales as a tensor on ``device``, made once per distinct value: a host-to-device copy every
+    step would make the host wait for the device (never written to)."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def adam_on_equivalent_gradient(
+    A: Tensor,
+    B: Tensor,
+    gA: Tensor,
+    gB: Tensor,
+    scales: Sequence[float],
+    states: Sequence[dict[str, Tensor]],
+    steps: Sequence[float],
+    *,
+    storage: MomentStorage,
+    betas: tuple[float, float],
+    eps: float,
+    x_mode: XMode = "sylvester",
+    fused: bool = False,
+    block_elements: int | None = None,
+    factors: LoRAFactors | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""Algorithm 2's direction for ``L`` layers of one shape: Adam on the equivalent gradient, projected back.
+
+    ``A`` (L, r, n), ``B`` (L, m, r) and their gradients in :func:`compute_dtype`; ``scales`` and ``steps``
+    (the step count *after* this step, 1 on the first) one per layer; ``states`` one dict of moments per layer,
+    made by ``storage.init_state`` and updated in place. Per layer:
+
+    1. ``(a, b)`` = :func:`adjusted_lora_gradients` with ``X = 0``; ``G = s B a + s b A`` (``m x n``);
+    2. ``M = b1 M + (1-b1) G``, ``V = b2 V + (1-b2) G*G``,
+       ``U = (M / (1-b1^t)) / (sqrt(V / (1-b2^t)) + eps)``, with ``M`` and ``V`` kept by ``storage``;
+    3. ``g_A' = s B^T U``, ``g_B' = s U A^T``;
+    4. returns ``(a', b')`` = :func:`adjusted_lora_gradients` of ``(g_A', g_B')`` with ``x_mode``'s ``X``.
+
+    The update is then ``A <- A (1 - lr wd) - lr a'`` and likewise for ``B``. No ``m x n`` matrix is formed
+    whole: ``G`` and ``U`` exist a block of rows at a time (``block_elements`` elements; default
+    :func:`lorapro.moments.default_cpu_block_elements` on CPU, half an ``m x n`` matrix elsewhere), and
+    ``fused=True`` runs each block's elementwise arithmetic as one compiled loop (storages with ``fusable``).
+    """
+    from .moments import block_rows, layers_per_chunk
+
+    beta1, beta2 = betas
+    scale = scale_vector(tuple(scales), A.dtype, A.device)
+    factors = lora_factors(A, B) if factors is None else factors
+    a, b = adjusted_lora_gradients(A, B, gA, gB, scale, x_mode="zero", factors=factors)
+    # G = s [B, b] @ [a; A]: one product of inner size 2r per layer, with s folded into the small factor.
+    left = torch.cat([B, b], dim=-1).mul_(scale[:, None, None])
+    right = torch.cat([a, A], dim=-2)
+    gA_adam = torch.zeros_like(A)
+    gB_adam = torch.empty_like(B)
+    m, n = B.shape[-2], A.shape[-1]
+    one_step = len(set(steps)) == 1  # the usual case: one eps and one bias correction for the bucket
+    chunk = layers_per_chunk(m, n, A.device, block_elements) if storage.chunkable and not fused else 1
+    if chunk > 1 and one_step:  # several small layers per pass
+        eps_t = eps * math.sqrt(1.0 - beta2 ** steps[0])
+        work = torch.empty(2, min(chunk, len(states)), m, n, dtype=A.dtype, device=A.device)
+        for i in range(0, len(states), chunk):
+            j = min(len(states), i + chunk)
+            storage.update_chunk(
+                left[i:j], right[i:j], B[i:j], A[i:j], states[i:j], work[:, : j - i],
+                gA_adam[i:j], gB_adam[i:j], beta1=beta1, beta2=beta2, eps=eps_t,
+            )
+    else:
+        rows = block_rows(m, n, A.device, storage.workspace_blocks, block_elements)
+        ws = storage.workspace(rows, n, A.dtype, A.device)
+        for i, state in enumerate(states):
+            storage.update_layer(
+                left[i], right[i], B[i], A[i], state, ws, gA_adam[i], gB_adam[i],
+                beta1=beta1, beta2=beta2, eps=eps * math.sqrt(1.0 - beta2 ** steps[i]), fused=fused,
+            )
+    # U = (M / bc1) / (sqrt(V / bc2) + eps) = (sqrt(bc2) / bc1) * M / (sqrt(V) + eps sqrt(bc2)):
+    # the constant and s are applied to the r-sized results, not to an m x n matrix; one op per bucket when
+    # its layers share their step count, else per layer.
+    if one_step:
+        t = steps[0]
+        c = scale.mul(math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t))[:, None, None]
+        gA_adam.mul_(c)
+        gB_adam.mul_(c)
+    else:
+        for i, (s, t) in enumerate(zip(scales, steps)):
+            c = s * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)  # a Python float: no device wait
+            gA_adam[i].mul_(c)
+            gB_adam[i].mul_(c)
+    return adjusted_lora_gradients(A, B, gA_adam, gB_adam, scale, x_mode=x_mode, factors=factors)

@@ -133,7 +133,9 @@ def _base_weight(module: nn.Module) -> Tensor | None:
     get_base = getattr(module, "get_base_layer", None)
     base = get_base() if callable(get_base) else getattr(module, "base_layer", None)
     w = getattr(base, "weight", None)
-    return w if isinstance(w, Tensor) else None
+    # A quantized base layer (bitsandbytes' 4-bit packed uint8, 8-bit int8 codes with separate row scales) holds
+    # no float m x n matrix: its W0 is unknown to anything that reads it (the diagnostics skip such pairs).
+    return w if isinstance(w, Tensor) and w.is_floating_point() else None
 
 
 def _iter_module_pairs(name: str, module: nn.Module) -> Iterator[tuple[str | None, Tensor, Tensor, float, bool]]:

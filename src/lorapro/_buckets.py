@@ -1,0 +1,68 @@
+"""Pairs grouped by shape into buckets whose r x r algebra is batched, stacked into matrices, and updated."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .functional import compute_dtype, scale_vector
+from .pairs import LoRAPair
+
+# Twice the rank-sized (L, r, m + n) stacks of a bucket a step keeps alive at once (8, measured with the
+# allocator's events: the stacked factors and gradients, the adjusted gradients, the products' temporaries).
+_LIVE_STACKS = 16
+# Buckets of small layers may stack this much regardless of their m x n (their batching is what makes them fast).
+_MIN_STACK_ELEMENTS = 1 << 21
+
+
+class PairBatch(NamedTuple):
+    """The matrix views of several pairs of one shape, stacked, in the compute dtype."""
+
+    A: Tensor  # (L, r, n)
+    B: Tensor  # (L, m, r)
+    gA: Tensor
+    gB: Tensor
+    scale: Tensor  # (L,)
+
+
+def stack_pairs(pairs: Sequence[LoRAPair]) -> PairBatch:
+    """The factors and gradients of ``pairs`` (one shape) as stacked matrices; a missing gradient is zero."""
+    ct = compute_dtype(pairs[0].A.dtype)
+
+    def grad_or_zeros(t: Tensor) -> Tensor:
+        return t.grad if t.grad is not None else torch.zeros_like(t)
+
+    A = torch.stack([p.A_matrix() for p in pairs]).to(ct)
+    B = torch.stack([p.B_matrix() for p in pairs]).to(ct)
+    gA = torch.stack([p.A_matrix(grad_or_zeros(p.A)) for p in pairs]).to(ct)
+    gB = torch.stack([p.B_matrix(grad_or_zeros(p.B)) for p in pairs]).to(ct)
+    return PairBatch(A, B, gA, gB, scale_vector(tuple(p.scale for p in pairs), ct, A.device))
+
+
+def bucket_pairs(pairs: Iterable[LoRAPair]) -> list[list[LoRAPair]]:
+    """Group pairs whose matrix views share shape, dtype and device, so their r x r algebra is batched; split
+    a group into chunks whose rank-sized stacks stay within half an m x n matrix (measured: the constant above
+    is twice the stacks alive at the peak), so the step's transient memory does not grow with the number of
+    layers."""
+    buckets: dict[tuple[Any, ...], list[LoRAPair]] = {}
+    for p in pairs:
+        buckets.setdefault((p.rank, *p.shape, p.A.dtype, p.A.device), []).append(p)
+    out = []
+    for (r, m, n, *_), bucket in buckets.items():
+        per_layer = _LIVE_STACKS * max(r, 1) * (m + n)
+        size = max(1, max(m * n, _MIN_STACK_ELEMENTS) // per_layer)
+        out += [bucket[i : i + size] for i in range(0, len(bucket), size)]
+    return out
+
+
+def apply_update(pairs: Sequence[LoRAPair], batch: PairBatch, a: Tensor, b: Tensor, lr: float, wd: float) -> None:
+    """``A <- A (1 - lr wd) - lr a`` and likewise for ``B``, computed in the compute dtype, rounded once."""
+    decay = 1.0 - lr * wd
+    new_A = batch.A.mul(decay).sub_(a, alpha=lr)
+    new_B = batch.B.mul(decay).sub_(b, alpha=lr)
+    # (the sources reshaped, not the parameters: a non-contiguous parameter's reshape could be a copy)
+    torch._foreach_copy_([p.A for p in pairs], [x.reshape(p.A.shape) for x, p in zip(new_A.unbind(0), pairs)])
+    torch._foreach_copy_([p.B for p in pairs], [x.reshape(p.B.shape) for x, p in zip(new_B.unbind(0), pairs)])
