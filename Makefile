@@ -24,8 +24,9 @@ test: install
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
 
+# --overwrite: a second `make demo` replaces the first one's results in runs/compare instead of refusing.
 demo: install
-	$(BIN)/lorapro compare
+	$(BIN)/lorapro compare --overwrite
 
 bench: install
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements-bench.txt

@@ -85,8 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="fine-tune one model with one method")
     _add_train_args(p, compare=False)
-    p.add_argument("--out", default="runs/train", help="output directory (metrics.json, adapter/ or model/, checkpoint.pt)")
+    p.add_argument("--out", default="runs/train",
+                   help="output directory (metrics.json, adapter/ or model/, checkpoint.pt); one that holds an "
+                        "earlier run (any of metrics.json, checkpoint.pt, checkpoint-ranks/, adapter/, model/, "
+                        "diagnostics.json, diagnostics.png) is refused without --resume or --overwrite; an empty "
+                        "or new one is fine")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the earlier run in --out: once the input is validated, delete those of its "
+                        "files listed under --out (other files stay)")
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop after this many steps, leaving a checkpoint for --resume (time-boxed jobs)")
     p.add_argument("--fused", action="store_true",
@@ -95,7 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="full fine-tuning vs LoRA vs LoRA-Pro on the same budget (default: the demo)")
     _add_train_args(p, compare=True)
-    p.add_argument("--out", default="runs/compare", help="output directory (results.json, loss_curves.png, one dir per method)")
+    p.add_argument("--out", default="runs/compare",
+                   help="output directory (results.json, loss_curves.png, one dir per method); one that holds an "
+                        "earlier comparison (results.json, loss_curves.png, or an earlier run in the directory of "
+                        "a method to train, see `lorapro train --help`) is refused without --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the earlier comparison in --out (passed on to each method's `lorapro train`)")
     p.set_defaults(max_steps=None)
 
     p = sub.add_parser("eval", help="score a model (optionally with a trained adapter) on a dataset")
@@ -147,7 +159,8 @@ def _run(args: argparse.Namespace) -> int:
 
         _check_method(args.method)
         cfg = _config_from_args(args, args.method)
-        result = train(cfg, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)
+        result = train(cfg, resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after,
+                       progress=not args.no_progress)
         if result is None:
             return 0
         key = "eval_accuracy" if "eval_accuracy" in result else "eval_exact_match"
@@ -168,7 +181,7 @@ def _run(args: argparse.Namespace) -> int:
         cfg.validate()
         print(f"Learning rate: {cfg.lr:g} for every method (the paper's protocol: one lr for all; no tuning, "
               "so the held-out split is never used to choose anything).")
-        results = compare(cfg, args.methods, Path(args.out), progress=not args.no_progress)
+        results = compare(cfg, args.methods, Path(args.out), overwrite=args.overwrite, progress=not args.no_progress)
         print()
         print(format_table(results["runs"]))
         print(f"\nwrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'loss_curves.png'}")

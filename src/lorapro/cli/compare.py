@@ -14,13 +14,15 @@ from typing import Any
 
 from .errors import UserError
 from .io import atomic_write_bytes, atomic_write_json
-from .trainer import TrainConfig
+from .trainer import TrainConfig, check_is_dir, check_out_dir, earlier_run
 
 DEFAULT_METHODS = ("full", "lora", "lorapro")
+COMPARE_OUTPUTS = ("results.json", "loss_curves.png")  # besides one `lorapro train` directory per method
 
 
-def _train_argv(cfg: TrainConfig, progress: bool = True) -> list[str]:
+def _train_argv(cfg: TrainConfig, progress: bool = True, overwrite: bool = False) -> list[str]:
     argv = [sys.executable, "-m", "lorapro", "train"] + ([] if progress else ["--no-progress"])
+    argv += ["--overwrite"] if overwrite else []
     for key, value in asdict(cfg).items():
         if value is None or value is False:
             continue
@@ -85,18 +87,42 @@ def plot_losses(runs: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def compare(cfg: TrainConfig, methods: list[str], out: Path, *, progress: bool = True, log=print) -> dict[str, Any]:
-    """Train ``methods`` one after the other with ``cfg`` and write ``results.json`` and ``loss_curves.png``."""
+def check_compare_out(out: Path, methods: list[str], *, overwrite: bool = False) -> None:
+    """Raise :class:`UserError` unless ``out`` can take a comparison of ``methods``: no earlier comparison there
+    (:data:`COMPARE_OUTPUTS`, or an earlier run in a method's directory) unless ``overwrite``. Reads only."""
+    for d in (out, *(out / m for m in methods)):
+        check_is_dir(d)
+    found = [n for n in COMPARE_OUTPUTS if (out / n).exists()]
+    found += [f"{m}/{name}" for m in methods for name in earlier_run(out / m)]
+    if found and not overwrite:
+        raise UserError(f"--out {out} holds an earlier comparison ({', '.join(found)}): pass --overwrite to "
+                        "replace it, or choose another --out")
+    for method in methods:  # what each method's `lorapro train --overwrite` will check, before the first trains
+        check_out_dir(out / method, overwrite=overwrite)
+
+
+def compare(
+    cfg: TrainConfig, methods: list[str], out: Path, *, overwrite: bool = False, progress: bool = True, log=print
+) -> dict[str, Any]:
+    """Train ``methods`` one after the other with ``cfg`` and write ``results.json`` and ``loss_curves.png``.
+
+    ``out`` must not hold an earlier comparison unless ``overwrite`` (see :func:`check_compare_out`), which is
+    passed on to each method's ``lorapro train``.
+    """
     if not methods:
         raise UserError("--methods is empty")
+    check_compare_out(out, methods, overwrite=overwrite)
     runs = []
-    for method in methods:
+    for i, method in enumerate(methods):
         run_cfg = TrainConfig.from_dict({**asdict(cfg), "method": method, "out": str(out / method)})
-        argv = _train_argv(run_cfg, progress)
+        argv = _train_argv(run_cfg, progress, overwrite=overwrite)
         log(f"== {method}: lorapro {' '.join(argv[3:])}", flush=True)
         proc = subprocess.run(argv)
         if proc.returncode != 0:
             raise UserError(f"training {method} failed with exit code {proc.returncode} (see its output above)")
+        if i == 0 and overwrite:  # the input was good: the earlier comparison's summary no longer describes --out
+            for name in COMPARE_OUTPUTS:
+                (out / name).unlink(missing_ok=True)
         runs.append(json.loads((out / method / "metrics.json").read_text()))
     results = {
         "lr_rule": f"one learning rate for every method ({cfg.lr:g}), as in the paper; nothing tuned on the eval split",

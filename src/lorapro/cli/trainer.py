@@ -15,11 +15,13 @@ import contextlib
 import math
 import os
 import resource
+import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -28,6 +30,16 @@ from .io import atomic_torch_save, atomic_write_json
 
 
 FUSED_METHODS = ("lorapro", "lorapro-zero")  # the methods --fused applies to
+
+# What a run writes into --out. Any of them there means --out holds an earlier run (finished, stopped with
+# --stop-after, or interrupted after its first checkpoint): a new run continues it with --resume or replaces
+# it with --overwrite, which deletes these (and nothing else) once the input has been validated.
+RUN_OUTPUTS = ("metrics.json", "checkpoint.pt", "checkpoint-ranks", "adapter", "model", "diagnostics.json",
+               "diagnostics.png")
+_START_AGAIN = ("start the run again: the same command without --resume, with --overwrite (which deletes the "
+                "earlier run in {out})")
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -223,6 +235,27 @@ class Ranks:
             dist.destroy_process_group()
         self.owns_group = False
 
+    def agree(self, check: Callable[[], T]) -> T:
+        """``check()`` on every rank, one decision for all: if it raises a :class:`UserError` on any rank, every
+        rank raises the lowest such rank's error; otherwise each returns its own result.
+
+        A collective: no rank returns before every rank has finished its ``check``.
+        """
+        problem = None
+        try:
+            result = check()
+        except UserError as e:
+            problem, result = str(e), None
+        if self.world > 1:
+            import torch.distributed as dist
+
+            problems: list[str | None] = [None] * self.world
+            dist.all_gather_object(problems, problem)
+            problem = next((p for p in problems if p is not None), None)
+        if problem is not None:
+            raise UserError(problem)
+        return result
+
     def barrier(self) -> None:
         if self.world > 1:
             import torch.distributed as dist
@@ -412,25 +445,119 @@ def _same_run(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
 
 
 def train(
-    cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None, progress: bool = True, log=print
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    stop_after: int | None = None,
+    progress: bool = True,
+    log=print,
 ) -> dict[str, Any] | None:
     """Train and evaluate one method; write ``metrics.json``, the trained weights and a checkpoint to ``cfg.out``.
 
     All input is validated before anything is written to ``cfg.out``. With ``stop_after``, training stops
-    after that many steps in total, leaving a checkpoint for ``resume`` (and returns ``None``).
+    after that many steps in total, leaving a checkpoint for ``resume`` (and returns ``None``). A ``cfg.out``
+    that holds an earlier run (any of :data:`RUN_OUTPUTS`) is refused unless ``resume`` continues it or
+    ``overwrite`` replaces it (its :data:`RUN_OUTPUTS` are deleted once the input has been validated).
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) this joins the launch (gloo on CPU, nccl on CUDA with
     ``cuda:LOCAL_RANK``), trains with DDP and a sharded LoRA-Pro optimizer, and destroys the process group it
     created when it returns or raises. Only rank 0 logs and writes outputs and returns the metrics; the other
     ranks return ``None``.
     """
+    if resume and overwrite:
+        raise UserError("give --resume (continue the run in --out) or --overwrite (replace it), not both")
     cfg.validate()
     device = resolve_device(cfg.device)
     ranks = Ranks.launch(cfg, device)
     try:
-        return _train(cfg, ranks, resume=resume, stop_after=stop_after, progress=progress, log=log)
+        return _train(cfg, ranks, resume=resume, overwrite=overwrite, stop_after=stop_after, progress=progress,
+                      log=log)
     finally:
         ranks.close()
+
+
+def check_out_dir(out: Path, *, resume: bool = False, overwrite: bool = False) -> None:
+    """Raise :class:`UserError` unless ``out`` can take a run: it is (or can be created as) a directory, and
+    holds no earlier run unless ``resume`` or ``overwrite``; with ``resume`` it holds a checkpoint. Reads only."""
+    from .models import _MARKER
+
+    check_is_dir(out)
+    if resume:
+        if not (out / "checkpoint.pt").is_file():
+            raise UserError(f"--resume: no checkpoint at {out / 'checkpoint.pt'}")
+        return
+    found = earlier_run(out)
+    if found and not overwrite:
+        raise UserError(
+            f"--out {out} holds an earlier run ({', '.join(found)}): pass --resume to continue it, --overwrite "
+            "to replace it, or choose another --out"
+        )
+    for name in ("adapter", "model"):  # save_trained replaces only what it wrote; say so before training
+        d = out / name
+        if d.is_dir() and any(d.iterdir()) and not (d / _MARKER).is_file():
+            raise UserError(f"--overwrite: {d} was not written by lorapro (no {_MARKER}); move it away or "
+                            "choose another --out")
+
+
+def check_is_dir(out: Path) -> None:
+    """Raise :class:`UserError` unless ``out`` is a directory or can be created as one (``mkdir -p``)."""
+    here = next((p for p in (out, *out.parents) if p.exists() or p.is_symlink()), None)
+    if here is not None and not here.is_dir():
+        what = f"--out {out}" if here == out else f"--out {out}: {here}"
+        raise UserError(f"{what} exists and is not a directory: choose another --out")
+
+
+def earlier_run(out: Path) -> list[str]:
+    """The :data:`RUN_OUTPUTS` in ``out`` (directories with a trailing slash)."""
+    found = [out / n for n in RUN_OUTPUTS if (out / n).exists() or (out / n).is_symlink()]
+    return [p.name + ("/" if p.is_dir() else "") for p in found]
+
+
+def _remove_earlier_run(out: Path) -> None:
+    for name in RUN_OUTPUTS:
+        p = out / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+
+
+def _load_file(path: Path, out: Path) -> Any:
+    """``torch.load(path)``, or a :class:`UserError` naming it if it cannot be read."""
+    try:
+        return torch.load(path, weights_only=True)
+    except torch.OutOfMemoryError:
+        raise
+    except OSError as e:  # there, but not readable (permissions, I/O error): the file may well be fine
+        raise UserError(f"--resume: cannot read {path}: {e.strerror or e}") from None
+    except Exception as e:  # truncated or corrupted: zip, pickle and torch's own readers raise all kinds
+        first = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:120]
+        reason = f"{type(e).__name__}: {first}" if first else type(e).__name__
+        raise UserError(f"--resume: cannot read {path}, it is truncated or corrupted ({reason}); restore it, "
+                        "or " + _START_AGAIN.format(out=out)) from None
+
+
+_CHECKPOINT_KEYS = ("config", "trainable", "scheduler", "rng", "run", "optimizer")  # what _save_checkpoint writes
+_RANK_FILE_KEYS = ("step", "rng", "optimizer")
+
+
+def _read_out_dir(out: Path, ranks: Ranks, *, resume: bool, overwrite: bool) -> tuple[dict | None, dict | None]:
+    """Check ``out`` and, with ``resume``, read its checkpoint: ``(checkpoint.pt, this rank's file or None)``."""
+    check_out_dir(out, resume=resume, overwrite=overwrite)
+    if not resume:
+        return None, None
+    path = out / "checkpoint.pt"
+    saved = _load_file(path, out)
+    run_fields = {f.name for f in fields(RunState)}
+    missing = [k for k in _CHECKPOINT_KEYS if k not in saved] if isinstance(saved, dict) else list(_CHECKPOINT_KEYS)
+    if not missing and not (isinstance(saved["config"], dict) and isinstance(saved["run"], dict)
+                            and "step" in saved["run"] and set(saved["run"]) <= run_fields):
+        missing = ["config", "run"]
+    if missing:
+        raise UserError(f"--resume: {path} is not a checkpoint of `lorapro train` (missing or invalid: {', '.join(missing)}); "
+                        "point --out at the run to continue, or " + _START_AGAIN.format(out=out))
+    return saved, _load_rank_file(out, saved, ranks)
 
 
 def _load_rank_file(out: Path, saved: dict[str, Any], ranks: Ranks) -> dict[str, Any] | None:
@@ -448,9 +575,13 @@ def _load_rank_file(out: Path, saved: dict[str, Any], ranks: Ranks) -> dict[str,
     missing = [f.name for r in range(ranks.world) if not (f := _shard_file(out, step, r, ranks.world)).is_file()]
     if missing:
         raise UserError(f"--resume: the checkpoint in {out} is incomplete: {', '.join(missing)} missing")
-    mine = torch.load(_shard_file(out, step, ranks.rank, ranks.world), weights_only=True)
+    path = _shard_file(out, step, ranks.rank, ranks.world)
+    mine = _load_file(path, out)
+    if not isinstance(mine, dict) or any(k not in mine for k in _RANK_FILE_KEYS):
+        raise UserError(f"--resume: {path} is not a rank's part of a `lorapro train` checkpoint; restore it, "
+                        "or " + _START_AGAIN.format(out=out))
     if mine["step"] != step:
-        raise UserError(f"--resume: {_shard_file(out, step, ranks.rank, ranks.world)} is not from step {step}")
+        raise UserError(f"--resume: {path} is not from step {step}")
     return mine
 
 
@@ -486,7 +617,7 @@ def _save_checkpoint(out: Path, ranks: Ranks, sharded: bool, common: dict[str, A
 
 
 def _train(
-    cfg: TrainConfig, ranks: Ranks, *, resume: bool, stop_after: int | None, progress: bool, log
+    cfg: TrainConfig, ranks: Ranks, *, resume: bool, overwrite: bool, stop_after: int | None, progress: bool, log
 ) -> dict[str, Any] | None:
     from . import data as data_mod
     from . import models as models_mod
@@ -497,20 +628,18 @@ def _train(
     if not main_rank:
         progress, log = False, (lambda *a, **k: None)
     out = Path(cfg.out)
-    ckpt_path = out / "checkpoint.pt"
-    if resume and not ckpt_path.is_file():
-        raise UserError(f"--resume: no checkpoint at {ckpt_path}")
+    # Every rank checks --out and reads its checkpoint files, and all take the same decision, before any rank
+    # writes: rank 0 creates --out only after the model is built, the other ranks write only their checkpoint
+    # files, after the barrier below.
+    saved, rank_saved = ranks.agree(lambda: _read_out_dir(out, ranks, resume=resume, overwrite=overwrite))
     data = data_mod.load_task_data(cfg.task, cfg.train, cfg.eval, max_train=cfg.max_train, max_eval=cfg.max_eval)
     cfg.task = data.task
     if not data.eval:
         raise UserError(f"no evaluation data for {cfg.train}: pass --eval FILE")
-    saved = rank_saved = None
-    if resume:
-        saved = torch.load(ckpt_path, weights_only=True)
+    if saved is not None:
         diff = _same_run(saved["config"], cfg)
         if diff:
             raise UserError(f"--resume: the checkpoint in {out} was made with a different config ({', '.join(diff)})")
-        rank_saved = _load_rank_file(out, saved, ranks)
     torch.manual_seed(cfg.seed)
     id2label = dict(enumerate(data.labels)) if data.labels else None
     model_path = models_mod.resolve_model(cfg.model)
@@ -556,6 +685,9 @@ def _train(
         log(f"resuming {cfg.method} from step {state.step} of {total}")
     if main_rank:
         out.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            _remove_earlier_run(out)
+    ranks.barrier()  # --out exists, without the earlier run, before any rank writes its checkpoint file
 
     net: torch.nn.Module = model
     if ranks.world > 1:
