@@ -1,4 +1,4 @@
-"""The optimizer-step benchmark (same as `lorapro bench`); see src/lorapro/bench.py for what it measures.
+"""The optimizer-step benchmark (same as `lorapro bench`); see src/lorapro/cli/bench.py for what it measures.
 
     .venv/bin/python benchmarks/bench_step.py [--shapes 2048x2048:8] [--rank 16] [--dtype float32]
 """

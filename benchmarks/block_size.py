@@ -2,8 +2,8 @@
 
 The optimizer walks each layer's m x n work in blocks of rows (``lorapro.moments.block_rows``); on a CPU a
 block holds ``CPU_BLOCK_ELEMENTS * threads^2`` elements at most by default. This script builds one optimizer
-per per-thread base size given (``LoRAProAdamW(block_elements=base * threads^2)``) and times ``LoRAProAdamW.step`` (default and ``fused=True``) on ``lorapro bench``'s layers,
-round-robin: every round times the floor (moment traffic + rank-r products, as ``lorapro bench``) and then
+per per-thread base size given (``LoRAProAdamW(block_elements=base * threads^2)``) and times its step (default
+and ``fused=True``) on ``lorapro bench``'s layers, round-robin: every round times the floor (moment traffic + rank-r products, as ``lorapro bench``) and then
 every block size, and the reported figure is the median over rounds of step / floor of that round, so the
 machine's drift between rounds cancels.
 
@@ -23,7 +23,7 @@ import time
 import torch
 
 from lorapro.moments import STORAGES, block_rows
-from lorapro.bench import Layers, candidates, parse_shapes
+from lorapro.cli.bench import Layers, candidates, parse_shapes
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ import warnings
 import torch
 
 import lorapro
-from lorapro.bench import Layers, parse_shapes
+from lorapro.cli.bench import Layers, parse_shapes
 
 
 def count_syncs(step, device: torch.device) -> collections.Counter:

@@ -22,10 +22,13 @@ import time
 
 import torch
 
-from lorapro.bench import _sync, peak_extra_bytes
+from lorapro.cli.bench import _sync, peak_extra_bytes
 from lorapro.cli import models as models_mod
 from lorapro.cli.data import load_task_data
-from lorapro.cli.trainer import Batches, TrainConfig, make_optimizer, optimizer_state_bytes
+from lorapro._state import optimizer_state_bytes
+from lorapro.cli.batches import Batches
+from lorapro.cli.config import TrainConfig
+from lorapro.cli.trainer import make_optimizer
 
 
 def build(method: str, cfg: TrainConfig, data, device: torch.device):

@@ -5,6 +5,9 @@ text around them is written by hand); plots go to docs/results/.
 
     python experiments/report.py            # rewrite the generated parts of docs/RESULTS.md
     python experiments/report.py --print    # print them instead
+
+Every function that reads results takes ``smoke``: the ``--smoke`` runs (phase directories ``<phase>-smoke``)
+instead of the real ones.
 """
 
 from __future__ import annotations
@@ -21,14 +24,20 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from run import EXPERIMENTS, METHODS, OWN_LRS, RESULTS, SWEEP_METHODS, _metric, best_lr  # noqa: E402
 
+from lorapro import _methods as registry  # noqa: E402
+from lorapro._io import atomic_write_bytes  # noqa: E402
+
 DOCS = HERE.parent / "docs"
-PLOTS = DOCS / "results"
-SUFFIX = ""  # "-smoke" with --smoke
+PLOTS = DOCS / "results"  # where the plots go, unless --plots (or --smoke: a temporary directory) says otherwise
 
 
-def load(name: str, phase: str) -> list[dict]:
+def _phase_dir(name: str, phase: str, smoke: bool) -> Path:
+    return RESULTS / name / (phase + ("-smoke" if smoke else ""))
+
+
+def load(name: str, phase: str, *, smoke: bool) -> list[dict]:
     runs = []
-    for f in sorted((RESULTS / name / (phase + SUFFIX)).glob("*/metrics.json")):
+    for f in sorted(_phase_dir(name, phase, smoke).glob("*/metrics.json")):
         m = json.loads(f.read_text())
         m["_dir"] = f.parent
         runs.append(m)
@@ -82,13 +91,15 @@ def _paired(runs: list[dict], a: str, b: str) -> list[float]:
     return [by[a, s] - by[b, s] for (m, s) in sorted(by) if m == a and (b, s) in by]
 
 
-def sweep_table(name: str) -> str:
-    runs = load(name, "sweep")
+def sweep_table(name: str, *, smoke: bool) -> str:
+    runs = load(name, "sweep", smoke=smoke)
     if not runs:
         return "_no sweep results yet_\n"
     lrs = sorted({r["config"]["lr"] for r in runs})
     methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
-    lines = [f"| lr | {' | '.join(methods)} | mean of {', '.join(SWEEP_METHODS)} |", "|---" * (len(methods) + 2) + "|"]
+    labels = [registry.label(m) for m in methods]
+    lines = [f"| lr | {' | '.join(labels)} | mean of {', '.join(map(registry.label, SWEEP_METHODS))} |",
+             "|---" * (len(methods) + 2) + "|"]
     for lr in lrs:
         vals = {r["method"]: _metric(r) for r in runs if r["config"]["lr"] == lr}
         row = [f"{vals[m]:.3f}" if m in vals else "-" for m in methods]
@@ -97,43 +108,44 @@ def sweep_table(name: str) -> str:
         lines.append(f"| {lr:g} | " + " | ".join(row) + f" | {mean} |")
     best = []
     for m in methods:
-        lr = best_lr(name, m, SUFFIX == "-smoke")  # run.py's own choice, so the table shows what the runs used
+        lr = best_lr(name, m, smoke)  # run.py's own choice, so the table shows what the runs used
         top = next(r for r in runs if r["method"] == m and r["config"]["lr"] == lr)
-        best.append(f"{m} {top['config']['lr']:g} ({_metric(top):.3f})")
+        best.append(f"{registry.label(m)} {top['config']['lr']:g} ({_metric(top):.3f})")
     lines += ["", "Best validation lr per method: " + "; ".join(best) + "."]
     return "\n".join(lines) + "\n"
 
 
-def load_tuned(name: str) -> list[dict]:
+def load_tuned(name: str, *, smoke: bool) -> list[dict]:
     """The ``tuned`` runs, and the ``final`` runs of the methods whose best validation lr is the shared one
     (run.py reuses those instead of repeating them)."""
-    runs = load(name, "tuned")
+    runs = load(name, "tuned", smoke=smoke)
     if not runs:
         return runs
     have = {r["method"] for r in runs}
-    for r in load(name, "final"):
+    for r in load(name, "final", smoke=smoke):
         m = r["method"]
-        if m not in have and m in SWEEP_METHODS and r["config"]["lr"] == best_lr(name, m, SUFFIX == "-smoke"):
+        if m not in have and m in SWEEP_METHODS and r["config"]["lr"] == best_lr(name, m, smoke):
             runs.append(r)
     return runs
 
 
-def final_table(name: str, phase: str = "final") -> str:
-    runs = load_tuned(name) if phase == "tuned" else load(name, phase)
+def final_table(name: str, phase: str = "final", *, smoke: bool) -> str:
+    runs = load_tuned(name, smoke=smoke) if phase == "tuned" else load(name, phase, smoke=smoke)
     if not runs:
         return f"_no {phase} results yet_\n"
     metric = "accuracy" if "eval_accuracy" in runs[0] else "exact match"
     if phase == "final":
         lr = next(r["config"]["lr"] for r in runs if r["method"] not in OWN_LRS)
         own = sorted({(r["method"], r["config"]["lr"]) for r in runs if r["method"] in OWN_LRS})
-        how = "the paper's rule, chosen on validation" if load(name, "sweep") else "no sweep on this task: given to run.py"
+        how = ("the paper's rule, chosen on validation" if load(name, "sweep", smoke=smoke)
+               else "no sweep on this task: given to run.py")
         head = f"lr {lr:g} for every method ({how})" + "".join(
-            f", except {m} at {v:g} (SGD: its best validation lr on its own grid)" for m, v in own
+            f", except {registry.label(m)} at {v:g} (SGD: its best validation lr on its own grid)" for m, v in own
         ) + "; "
     else:
         lrs = {r["method"]: r["config"]["lr"] for r in runs}
         head = ("Secondary view, not the paper's rule: each method at its own best validation lr ("
-                + ", ".join(f"{m} {v:g}" for m, v in lrs.items()) + "); ")
+                + ", ".join(f"{registry.label(m)} {v:g}" for m, v in lrs.items()) + "); ")
     # Exact match on a few hundred problems is coarse: the generative tasks also show the held-out loss.
     lm = metric == "exact match" and all("eval_loss" in r for r in runs)
     lines = [
@@ -151,7 +163,7 @@ def final_table(name: str, phase: str = "final") -> str:
             continue
         loss = f" {_ms([_test_loss(r) for r in rs])} |" if lm else ""
         lines.append(
-            f"| {method} | {_ms([_metric(r) for r in rs])} |{loss} {len(rs)} | "
+            f"| {registry.label(method)} | {_ms([_metric(r) for r in rs])} |{loss} {len(rs)} | "
             f"{statistics.mean(r['mean_optimizer_step_ms'] for r in rs):.1f} | "
             f"{statistics.mean(r['optimizer_state_mib'] for r in rs):.1f} | {rs[0]['trainable_params']:,} |"
         )
@@ -177,22 +189,28 @@ def final_table(name: str, phase: str = "final") -> str:
     return "\n".join(lines) + "\n"
 
 
-def rank_table(name: str) -> str:
-    runs = load(name, "rank")
+def rank_table(name: str, *, smoke: bool) -> str:
+    runs = load(name, "rank", smoke=smoke)
     if not runs:
         return "_no rank ablation yet_\n"
     base = {r["method"] for r in runs}  # rank 8 is the `final` run itself (run.py reuses it)
-    runs += [r for r in load(name, "final") if r["method"] in base and r["config"]["rank"] == 8]
+    runs += [r for r in load(name, "final", smoke=smoke) if r["method"] in base and r["config"]["rank"] == 8]
     lines = ["| method | rank 8 | rank 32 |", "|---|---|---|"]
     for method in sorted({r["method"] for r in runs}, key=METHODS.index):
         cells = [_ms([_metric(r) for r in runs if r["method"] == method and r["config"]["rank"] == k]) for k in (8, 32)]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append(f"| {registry.label(method)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plots(name: str) -> list[str]:
-    """Bar chart of the final runs and the diagnostics figure of seed 0; returns markdown image lines."""
-    runs = load(name, "final")
+def _bar_color(name: str) -> str:
+    method = registry.get(name)
+    return "C2" if not method.lora else "C1" if method.lorapro is not None else "C0"
+
+
+def plots(name: str, *, smoke: bool, plots_dir: Path) -> list[str]:
+    """Bar chart of the final runs and the diagnostics figure of seed 0, into ``plots_dir``; returns markdown
+    image lines."""
+    runs = load(name, "final", smoke=smoke)
     out = []
     if not runs:
         return out
@@ -201,7 +219,7 @@ def plots(name: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    PLOTS.mkdir(parents=True, exist_ok=True)
+    plots_dir.mkdir(parents=True, exist_ok=True)
     methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
     means = [statistics.mean(_metric(r) for r in runs if r["method"] == m) for m in methods]
     stds = [
@@ -209,16 +227,15 @@ def plots(name: str) -> list[str]:
         if sum(r["method"] == m for r in runs) > 1 else 0.0 for m in methods
     ]
     fig, ax = plt.subplots(figsize=(9, 4))
-    ax.bar(range(len(methods)), means, yerr=stds, capsize=3,
-           color=["C1" if m.startswith("lorapro") else "C0" if m != "full" else "C2" for m in methods])
-    ax.set_xticks(range(len(methods)), methods, rotation=40, ha="right")
+    ax.bar(range(len(methods)), means, yerr=stds, capsize=3, color=[_bar_color(m) for m in methods])
+    ax.set_xticks(range(len(methods)), [registry.label(m) for m in methods], rotation=40, ha="right")
     lo = min(m - s for m, s in zip(means, stds))
     ax.set_ylim(max(0.0, lo - 0.05), min(1.0, max(m + s for m, s in zip(means, stds)) + 0.03))
     ax.set_ylabel("test " + ("accuracy" if "eval_accuracy" in runs[0] else "exact match"))
     ax.set_title(f"{name}: mean ± std over seeds")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    path = PLOTS / f"{name}_methods.png"
+    path = plots_dir / f"{name}_methods.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     out.append(f"![{name} methods](results/{path.name})")
@@ -231,16 +248,16 @@ def plots(name: str) -> list[str]:
     if diag:
         from lorapro.diagnostics import plot_diagnostics
 
-        path = PLOTS / f"{name}_diagnostics.png"
+        path = plots_dir / f"{name}_diagnostics.png"
         plot_diagnostics(diag, str(path))
         out.append(f"![{name} diagnostics](results/{path.name})")
     return out
 
 
-def diagnostics_summary(name: str) -> str:
+def diagnostics_summary(name: str, *, smoke: bool) -> str:
     from lorapro.diagnostics import summarize
 
-    runs = load(name, "final")
+    runs = load(name, "final", smoke=smoke)
     lines = []
     for method in ("lora", "lorapro"):
         rel = []
@@ -252,7 +269,8 @@ def diagnostics_summary(name: str) -> str:
                 rel.append((s[key][0], s[key][-1], s["rank_B"][-1], s["rank_A"][-1], s["steps"][-1]))
         if rel:
             lines.append(
-                f"| {method} | {statistics.mean(x[0] for x in rel):.3f} | {statistics.mean(x[1] for x in rel):.3f} | "
+                f"| {registry.label(method)} | {statistics.mean(x[0] for x in rel):.3f} | "
+                f"{statistics.mean(x[1] for x in rel):.3f} | "
                 f"{statistics.mean(x[3] for x in rel):.1f} / {statistics.mean(x[2] for x in rel):.1f} | {len(rel)} |"
             )
     if not lines:
@@ -267,31 +285,31 @@ def diagnostics_summary(name: str) -> str:
     return "\n".join(head + lines) + "\n"
 
 
-def base_line(name: str) -> str | None:
-    f = RESULTS / name / ("base" + SUFFIX) / "metrics.json"
+def base_line(name: str, *, smoke: bool) -> str | None:
+    f = _phase_dir(name, "base", smoke) / "metrics.json"
     if not f.exists():
         return None
     m = json.loads(f.read_text())
     return f"The untrained model scores {_metric(m):.3f} on the test split (`run.py base {name}`).\n"
 
 
-def generated(name: str) -> str:
+def generated(name: str, *, smoke: bool, plots_dir: Path) -> str:
     exp = EXPERIMENTS[name]
     parts = [
         f"Model `{exp['model']}`, data `{exp['train']}`; {exp['steps']} steps x batch {exp['batch']}, max length "
         f"{exp['max_length']}, rank {exp['rank']} (alpha {exp['alpha']}), cosine schedule, 3% warm-up.",
         "",
-        base_line(name),
+        base_line(name, smoke=smoke),
         "Learning-rate sweep (validation split carved from the training rows; seed 0):",
         "",
-        sweep_table(name),
-        final_table(name),
-        final_table(name, "tuned") if load(name, "tuned") else None,
-        diagnostics_summary(name),
+        sweep_table(name, smoke=smoke),
+        final_table(name, smoke=smoke),
+        final_table(name, "tuned", smoke=smoke) if load(name, "tuned", smoke=smoke) else None,
+        diagnostics_summary(name, smoke=smoke),
         "Rank ablation (same lr, alpha scaled with r so that s = alpha / r stays fixed):",
         "",
-        rank_table(name),
-        *[line + "\n" for line in plots(name)],
+        rank_table(name, smoke=smoke),
+        *[line + "\n" for line in plots(name, smoke=smoke, plots_dir=plots_dir)],
     ]
     return "\n".join(p for p in parts if p is not None)
 
@@ -302,28 +320,27 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="report the --smoke runs (implies --print)")
     ap.add_argument("--plots", help="directory for the plots (default docs/results; with --smoke a temporary one)")
     args = ap.parse_args()
-    global SUFFIX, PLOTS
+    plots_dir = PLOTS
     if args.smoke:  # smoke plots never replace the committed ones
-        SUFFIX, args.print = "-smoke", True
-        PLOTS = Path(tempfile.mkdtemp(prefix="lorapro-smoke-plots-"))
+        args.print = True
+        plots_dir = Path(tempfile.mkdtemp(prefix="lorapro-smoke-plots-"))
     if args.plots:
-        PLOTS = Path(args.plots)
+        plots_dir = Path(args.plots)
     names = [n for n in EXPERIMENTS if (RESULTS / n).exists()]
     if args.print:
         for n in names:
-            print(f"## {n}\n\n{generated(n)}")
+            print(f"## {n}\n\n{generated(n, smoke=args.smoke, plots_dir=plots_dir)}")
         return
     path = DOCS / "RESULTS.md"
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     for n in names:
         pattern = re.compile(rf"(<!-- BEGIN {n} -->\n).*?(<!-- END {n} -->)", re.S)
         if not pattern.search(text):
             print(f"docs/RESULTS.md has no <!-- BEGIN {n} --> marker; skipped", file=sys.stderr)
             continue
-        text = pattern.sub(lambda m: m.group(1) + generated(n) + m.group(2), text)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+        section = generated(n, smoke=args.smoke, plots_dir=plots_dir)
+        text = pattern.sub(lambda m: m.group(1) + section + m.group(2), text)
+    atomic_write_bytes(path, lambda f: f.write(text.encode("utf-8")))
     print(f"wrote {path}")
 
 

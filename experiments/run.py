@@ -17,7 +17,7 @@ Protocol (the paper's: one learning rate for all methods):
   * ``final``: every method, several seeds. ``rank``: LoRA and LoRA-Pro at ranks 8 and 32. X's ablation is
     ``lorapro`` (Sylvester X) against ``lorapro-zero`` (X = 0) in ``final``.
   * ``tuned`` (secondary, not the paper's rule): full, LoRA and LoRA-Pro each at its own best validation lr.
-  * ``base``: the untrained model on the test split (``lorapro eval``), what the runs start from.
+  * ``base``: the untrained model on the test split (``lorapro eval``'s scoring), what the runs start from.
 
     python experiments/run.py sweep rt                 # lr sweep on validation
     python experiments/run.py final rt                 # all methods x 3 seeds at the chosen lr, on test
@@ -40,20 +40,34 @@ import tempfile
 import time
 from pathlib import Path
 
+from lorapro import _methods as registry
+from lorapro._io import atomic_write_bytes, replace_dir
 from lorapro.cli.compare import metric_key
 
 HERE = Path(__file__).resolve().parent
 RESULTS = Path(os.environ.get("LORAPRO_RESULTS", HERE / "results"))  # tests point this elsewhere
 
-METHODS = [
-    "full", "lora", "rslora", "loraplus", "lorafa", "riemannian", "loraga",
-    "lorapro", "lorapro-zero", "lorapro-sgd", "lorapro-bf16", "lorapro-factored", "lorapro-efficient",
-]
+
+def _table_order(method: registry.Method) -> int:
+    """Full fine-tuning, the LoRA baselines, then LoRA-Pro: AdamW with fp32 moments, SGD, the memory options."""
+    if not method.lora:
+        return 0
+    if method.lorapro is None:
+        return 1
+    if method.lorapro == "sgd":
+        return 3
+    return 2 if method.lorapro_kwargs["moments"] == "full" else 4
+
+
+# Every method of the registry, in the order of the report's tables and plots (within a group, the registry's).
+METHODS = [m.name for m in sorted(registry.METHODS, key=_table_order)]
 SWEEP_METHODS = ["full", "lora", "lorapro"]
 # Methods swept on their own grid instead of using the shared lr (SGD's scale is not Adam's).
 OWN_LRS = {"lorapro-sgd": [1e-2, 1e-1, 1.0, 10.0]}
 OWN_LR_EXTEND = 2  # decades an own grid may grow past an edge that is strictly its best (see own_lr)
 DIAGNOSE = {"lora", "lorapro"}  # runs that record the paper's diagnostics in `final`
+for _name in (*SWEEP_METHODS, *OWN_LRS, *DIAGNOSE):
+    registry.get(_name)  # every method an experiment picks is one of the registry's
 
 EXPERIMENTS = {
     # MiniLM (22.7M) sentiment: the demo's setting.
@@ -97,13 +111,9 @@ def write_splits(name: str, exp: dict, smoke: bool) -> dict[str, Path]:
     if smoke:
         train, test = train[: SMOKE["max_train"]], test[: SMOKE["max_eval"]]
     keep = ("text", "label") if data.task == "classification" else ("prompt", "completion")
-    d.mkdir(parents=True, exist_ok=True)
     for key, part in (("train", train), ("val", val), ("test", test)):
-        tmp = paths[key].with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            for row in part:
-                f.write(json.dumps({k: row[k] for k in keep}) + "\n")
-        os.replace(tmp, paths[key])
+        text = "".join(json.dumps({k: row[k] for k in keep}) + "\n" for row in part)
+        atomic_write_bytes(paths[key], lambda f: f.write(text.encode()))
     (d / "task").write_text(data.task)
     return paths
 
@@ -142,8 +152,7 @@ def run_one(name: str, exp: dict, phase: str, method: str, *, lr: float, seed: i
         if (scratch / "out" / f).exists():
             shutil.copy(scratch / "out" / f, tmp / f)
     shutil.rmtree(scratch, ignore_errors=True)
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
+    replace_dir(tmp, dest)
     m = json.loads((dest / "metrics.json").read_text())
     print(f"[{name}/{phase}] {tag}: {_metric(m):.4f} in {time.time() - start:.0f} s", flush=True)
     return m
@@ -159,26 +168,30 @@ def run_final(name: str, exp: dict, method: str, *, lr: float, seed: int, rank: 
 
 
 def run_base(name: str, exp: dict, *, smoke: bool, threads: int | None) -> dict:
-    """The untrained model scored on the test split (``lorapro eval``): what training starts from."""
+    """The untrained model scored on the test split (``lorapro eval``'s :func:`~lorapro.cli.evaluate.run_eval`,
+    in this process): what training starts from."""
+    import torch
+
+    from lorapro.cli import set_environment
+    from lorapro.cli.errors import UserError
+    from lorapro.cli.evaluate import run_eval
+
     dest = RESULTS / name / ("base" + ("-smoke" if smoke else "")) / "metrics.json"
     if dest.exists():
         return json.loads(dest.read_text())
     paths = write_splits(name, exp, smoke)
     task = (paths["train"].parent / "task").read_text()
-    cmd = [sys.executable, "-m", "lorapro", "eval", "--model", exp["model"], "--task", task, "--train",
-           str(paths["train"]), "--eval", str(paths["test"]), "--max-length", str(exp["max_length"])]
+    set_environment()
     if threads:
-        cmd += ["--threads", str(threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"base eval of {name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    words = proc.stdout.strip().splitlines()[-1].split()  # "eval_exact_match 0.1234 eval_loss 1.2345"
-    m = {k: float(v) for k, v in zip(words[::2], words[1::2])}
+        torch.set_num_threads(threads)
+    try:
+        metrics = run_eval(exp["model"], str(paths["test"]), task=task, train=str(paths["train"]),
+                           max_length=exp["max_length"])
+    except UserError as e:
+        raise SystemExit(f"base eval of {name} failed: {e}") from None
+    m = {k: float(f"{v:.4f}") for k, v in metrics.items()}  # the four decimals `lorapro eval` prints
     m["method"] = "base"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(".tmp")
-    tmp.write_text(json.dumps(m, indent=1))
-    os.replace(tmp, dest)
+    atomic_write_bytes(dest, lambda f: f.write(json.dumps(m, indent=1).encode()))
     print(f"[{name}/base] {_metric(m):.4f}", flush=True)
     return m
 

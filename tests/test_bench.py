@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from lorapro import bench
+from lorapro.cli import bench
 from lorapro.cli import main
 
 TINY = ["--shapes", "96x64:2,40x72:1", "--rank", "4", "--warmup", "1", "--repeats", "1", "--rounds", "2"]

@@ -136,7 +136,7 @@ def test_measured_step_memory_is_at_most_one_weight_matrix(moments):
     """The bound measured: the allocator's peak during a CPU step (after the first, which creates the
     moments), for three layers of one shape, workspace and rank-sized stacks together, stays within one m x n
     float32 matrix."""
-    from lorapro.bench import peak_extra_bytes
+    from lorapro.cli.bench import peak_extra_bytes
 
     m, n, r, layers = 1024, 768, 4, 3
     opt = lorapro.LoRAProAdamW(_random_pairs(layers, m, n, r), lr=1e-4, moments=moments)
@@ -147,7 +147,7 @@ def test_measured_step_memory_is_at_most_one_weight_matrix(moments):
 
 def test_step_memory_does_not_grow_with_the_number_of_layers():
     """Layers of one shape are stepped in chunks: the rank-sized stacks of 48 layers cost what 16 cost."""
-    from lorapro.bench import peak_extra_bytes
+    from lorapro.cli.bench import peak_extra_bytes
 
     def peak(layers: int) -> int:
         opt = lorapro.LoRAProAdamW(_random_pairs(layers, 512, 512, 8), lr=1e-4)

@@ -185,7 +185,8 @@ def test_diagnostics_option(bert_dir, tmp_path):
     assert _metrics(out)["train_loss"] == _metrics(plain)["train_loss"]
     # full fine-tuning has no LoRA pairs to measure
     from lorapro.cli.errors import UserError
-    from lorapro.cli.trainer import TrainConfig, _diagnostics
+    from lorapro.cli.config import TrainConfig
+    from lorapro.cli.trainer import _diagnostics
 
     with pytest.raises(UserError, match="--diagnostics needs LoRA layers"):
         _diagnostics(TrainConfig(method="full", diagnostics=1), torch.nn.Linear(2, 2), 1)

@@ -10,10 +10,12 @@ import pytest
 import torch
 from tiny_models import make_tiny_bert, make_tiny_llama
 
+from lorapro import _methods as registry
 from lorapro.cli import main
 from lorapro.cli import models as M
 from lorapro.cli import peft_methods as PM
-from lorapro.cli.trainer import TrainConfig, make_optimizer
+from lorapro.cli.config import TrainConfig
+from lorapro.cli.trainer import make_optimizer
 
 NEW = ("loraplus", "lorafa", "riemannian", "loraga")
 SMALL = ["--max-train", "48", "--max-eval", "24", "--batch-size", "8", "--no-progress"]
@@ -74,8 +76,8 @@ def snapshot(model) -> dict[str, torch.Tensor]:
 
 
 def test_methods_are_registered_validated_and_in_help(capsys):
-    assert set(NEW) <= set(M.METHODS) and set(NEW) <= set(M.PEFT_METHODS)
-    assert set(PM.METHODS) == set(NEW)
+    assert set(NEW) <= set(registry.NAMES) and set(NEW) <= set(registry.names(lambda m: m.lora))
+    assert set(registry.names(lambda m: m.peft)) == set(NEW)
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())

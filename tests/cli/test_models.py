@@ -14,6 +14,7 @@ import pytest
 import torch
 from tiny_models import make_tiny_bert, make_tiny_llama, minilm_dir
 
+from lorapro import _methods as registry
 from lorapro.cli import models as M
 from lorapro.cli.errors import UserError
 
@@ -394,9 +395,10 @@ def test_unknown_method_or_task_lists_the_valid_ones(bert_dir):
     with pytest.raises(UserError, match="full, lora, rslora, lorapro, lorapro-sgd, lorapro-zero, lorapro-bf16") as e:
         M.build_model(bert_dir, task="classification", num_labels=2, method="qlora")
     one_line(e)
-    assert M.METHODS == (
+    assert registry.NAMES == (
         "full", "lora", "rslora", "lorapro", "lorapro-sgd", "lorapro-zero",
-        "lorapro-bf16", "lorapro-factored", "lorapro-efficient", "loraplus", "lorafa", "riemannian", "loraga",
+        "lorapro-bf16", "lorapro-factored", "lorapro-efficient", "lorapro-int8-factored", "lorapro-int8",
+        "lorapro-bf16-factored", "lorapro-adafactor", "loraplus", "lorafa", "riemannian", "loraga",
     )
     with pytest.raises(UserError, match="classification, causal-lm"):
         M.build_model(bert_dir, task="regression", num_labels=2, method="lora")

@@ -147,7 +147,8 @@ def _rank_worker(rank: int, world: int, ports: tuple[int, int], base: str) -> No
     import torch.distributed as dist
 
     from lorapro.cli.errors import UserError
-    from lorapro.cli.trainer import TrainConfig, train
+    from lorapro.cli.config import TrainConfig
+    from lorapro.cli.trainer import train
 
     base_path = Path(base)
     # rank 1's part of the checkpoint is truncated, rank 0's is fine: both ranks stop with rank 1's error
@@ -165,7 +166,7 @@ def test_every_rank_takes_the_same_decision(tmp_path):
     """Under torchrun every rank checks --out and reads its checkpoint files before any rank writes; a damaged
     file seen by one rank stops all of them with the same one-line error (not a traceback on one rank while
     the others go on to wait for it)."""
-    from lorapro.cli.trainer import TrainConfig
+    from lorapro.cli.config import TrainConfig
 
     damaged = tmp_path / "damaged"
     (damaged / "checkpoint-ranks").mkdir(parents=True)

@@ -214,7 +214,8 @@ def _error_after_init_worker(rank: int, world: int, port: int, out: str) -> None
     import torch.distributed as dist
 
     from lorapro.cli.errors import UserError
-    from lorapro.cli.trainer import TrainConfig, train
+    from lorapro.cli.config import TrainConfig
+    from lorapro.cli.trainer import train
 
     inits = []
     init = dist.init_process_group

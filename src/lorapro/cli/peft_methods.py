@@ -1,7 +1,8 @@
 """The baselines that PEFT provides, as ``lorapro`` methods: LoRA+, LoRA-FA, Riemannian-preconditioned LoRA, LoRA-GA.
 
 Every one is a PEFT LoRA model built by :func:`lorapro.cli.models.build_model` (same rank, alpha, targets and
-learning rate as every other method: the paper's protocol) and differs only in what is listed here:
+learning rate as every other method: the paper's protocol) and differs only in what is listed here (their
+entries in :mod:`lorapro._methods` say which of these each one uses):
 
 ``loraplus``
     ``peft.optimizers.create_loraplus_optimizer(model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=16,
@@ -39,9 +40,8 @@ from typing import Any
 import torch
 from torch import nn
 
-PEFT_OPTIMIZER_METHODS = ("loraplus", "lorafa", "riemannian")
-INIT_METHODS = ("loraga",)
-METHODS = PEFT_OPTIMIZER_METHODS + INIT_METHODS
+from .. import _methods as registry
+from .batches import Batches
 
 LORAPLUS_LR_RATIO = 16.0  # LoRA+ paper's recommendation (2**4); PEFT's docs use 16 too
 RIEMANNIAN_REG = 1e-2  # PEFT's default damping of the r x r preconditioners
@@ -56,29 +56,43 @@ Batch = dict[str, torch.Tensor]
 # ------------------------------------------------------------------------------------------------ optimizers
 
 
-def make_optimizer(method: str, model: nn.Module, cfg: Any, process_group: Any = None) -> torch.optim.Optimizer:
-    """The optimizer of a PEFT-optimizer method (``PEFT_OPTIMIZER_METHODS``) for the PEFT model ``model``.
+def _loraplus(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
+    from peft.optimizers import create_loraplus_optimizer
+
+    return create_loraplus_optimizer(
+        model, torch.optim.AdamW, lr=cfg.lr, loraplus_lr_ratio=LORAPLUS_LR_RATIO,
+        loraplus_weight_decay=cfg.weight_decay,
+    )
+
+
+def _lorafa(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
+    from peft.optimizers import create_lorafa_optimizer
+
+    return create_lorafa_optimizer(model, r=cfg.rank, lora_alpha=cfg.alpha, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _riemannian(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
+    from peft.optimizers import create_riemannian_optimizer
+
+    return create_riemannian_optimizer(
+        model, torch.optim.AdamW, lr=cfg.lr, reg=RIEMANNIAN_REG, weight_decay=cfg.weight_decay
+    )
+
+
+_OPTIMIZERS: dict[str, Callable[[nn.Module, Any], torch.optim.Optimizer]] = {
+    "loraplus": _loraplus, "lorafa": _lorafa, "riemannian": _riemannian,
+}
+
+
+def make_optimizer(name: str, model: nn.Module, cfg: Any, process_group: Any = None) -> torch.optim.Optimizer:
+    """PEFT's optimizer ``name`` (a method's ``peft_optimizer``: ``loraplus``, ``lorafa`` or ``riemannian``) for
+    the PEFT model ``model``, with ``cfg``'s lr, weight decay (and, for LoRA-FA, rank and alpha).
 
     ``process_group`` is ignored: these optimizers keep replicated state, like plain AdamW under DDP.
     """
-    if method == "loraplus":
-        from peft.optimizers import create_loraplus_optimizer
-
-        return create_loraplus_optimizer(
-            model, torch.optim.AdamW, lr=cfg.lr, loraplus_lr_ratio=LORAPLUS_LR_RATIO,
-            loraplus_weight_decay=cfg.weight_decay,
-        )
-    if method == "lorafa":
-        from peft.optimizers import create_lorafa_optimizer
-
-        return create_lorafa_optimizer(model, r=cfg.rank, lora_alpha=cfg.alpha, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if method == "riemannian":
-        from peft.optimizers import create_riemannian_optimizer
-
-        return create_riemannian_optimizer(
-            model, torch.optim.AdamW, lr=cfg.lr, reg=RIEMANNIAN_REG, weight_decay=cfg.weight_decay
-        )
-    raise ValueError(f"{method!r} is not one of {', '.join(PEFT_OPTIMIZER_METHODS)}")
+    if name not in _OPTIMIZERS:
+        raise ValueError(f"{name!r} is not one of {', '.join(_OPTIMIZERS)}")
+    return _OPTIMIZERS[name](model, cfg)
 
 
 def freeze_lora_a(model: nn.Module) -> None:
@@ -106,12 +120,10 @@ def init_batches(cfg: Any, data: Any, device: torch.device | str = "cpu") -> Cal
     (independent of the training order), in micro-batches of ``cfg.batch_size``, on ``device``. ``None`` for the
     other methods. Every process of a ``torchrun`` launch gets the same batches, hence the same initialisation.
     """
-    if cfg.method not in INIT_METHODS:
+    if cfg.method not in registry.names(lambda m: m.init == "loraga"):
         return None
 
     def make(tokenizer: Any) -> list[Batch]:
-        from .trainer import Batches
-
         n = min(LORAGA_EXAMPLES, len(data.train))
         order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed))[:n].tolist()
         rows = [data.train[i] for i in order]

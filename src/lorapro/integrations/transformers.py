@@ -39,9 +39,8 @@ This module imports ``transformers``; ``import lorapro`` does not.
 
 from __future__ import annotations
 
+import json
 import os
-import re
-import tempfile
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -50,8 +49,11 @@ import torch
 import transformers
 from torch import nn
 
+from .._io import atomic_torch_save, atomic_write_bytes, rank_file_name, rank_file_pattern
+from .._methods import LORAPRO_OPTIMIZERS
 from ..optim import LoRAProAdamW, LoRAProSGD
 from ..pairs import find_lora_pairs
+from ..sharding import default_process_group
 
 __all__ = [
     "LORAPRO_METHODS",
@@ -62,11 +64,11 @@ __all__ = [
     "optimizer_shard_name",
 ]
 
-LORAPRO_METHODS = ("adamw", "sgd")
+LORAPRO_METHODS = tuple(LORAPRO_OPTIMIZERS)  # "adamw": LoRAProAdamW, "sgd": LoRAProSGD
 
 OPTIMIZER_NAME = "optimizer.pt"  # the stock Trainer's file (single process)
 SCHEDULER_NAME = "scheduler.pt"
-_SHARD_RE = re.compile(r"^optimizer\.rank(\d+)-of-(\d+)\.pt$")
+_SHARD_RE = rank_file_pattern("optimizer")
 
 # The stock Trainer's rule for which parameters get weight decay (transformers 5.x).
 _NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
@@ -74,10 +76,10 @@ _NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)"
 
 def optimizer_shard_name(rank: int, world: int) -> str:
     """The file one rank's optimizer state is saved to in a checkpoint: ``optimizer.rank{R}-of-{W}.pt``."""
-    return f"optimizer.rank{rank}-of-{world}.pt"
+    return rank_file_name("optimizer", rank, world)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def _inner_model(model: nn.Module) -> nn.Module:
     """The model inside DDP / DataParallel / ``torch.compile`` wrappers (Accelerate's prepared model)."""
     try:
         from accelerate.utils import extract_model_from_parallel
@@ -123,7 +125,7 @@ def lorapro_param_groups(
     remaining trainable parameters (biases, LayerNorm weights), with weight decay 0. A pair whose ``B`` is not a
     decay parameter (never the case for PEFT layers) goes to group 1 whole: a pair is never split.
     """
-    model = _unwrap(model)
+    model = _inner_model(model)
     decay = set(_default_decay_parameter_names(model) if decay_parameter_names is None else decay_parameter_names)
     pairs = find_lora_pairs(model)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -140,17 +142,17 @@ def lorapro_param_groups(
 
 
 def _process_group(shard_optimizer_state: bool | None) -> Any:
-    import torch.distributed as dist
-
-    multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """The group to shard over: the default one if ``shard_optimizer_state`` (``None``: if it has more than one
+    rank), else ``None``."""
+    group = default_process_group()
     if shard_optimizer_state is None:
-        return dist.group.WORLD if multi else None
-    if shard_optimizer_state and not multi:
+        return group
+    if shard_optimizer_state and group is None:
         raise ValueError(
             "shard_optimizer_state=True needs an initialized torch.distributed process group with more than one "
             "rank (launch with torchrun or accelerate launch)"
         )
-    return dist.group.WORLD if shard_optimizer_state else None
+    return group if shard_optimizer_state else None
 
 
 def make_lorapro_optimizer(
@@ -209,42 +211,14 @@ def _build_optimizer(
         raise ValueError(f"Invalid lorapro method: {method!r} (expected one of {', '.join(LORAPRO_METHODS)})")
     group = process_group if process_group is not None else _process_group(shard_optimizer_state)
     params = lorapro_param_groups(model, args.weight_decay, decay_parameter_names)
-    if method == "sgd":
-        return LoRAProSGD(
-            params, lr=args.learning_rate, x_mode=x_mode, weight_decay=args.weight_decay, process_group=group,
-            **optimizer_kwargs,
-        )
-    return LoRAProAdamW(
-        params,
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        eps=args.adam_epsilon,
-        weight_decay=args.weight_decay,
-        x_mode=x_mode,
-        process_group=group,
+    optimizer_cls = LORAPRO_OPTIMIZERS[method]
+    adam = (
+        {"betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon} if optimizer_cls is LoRAProAdamW else {}
+    )
+    return optimizer_cls(
+        params, lr=args.learning_rate, weight_decay=args.weight_decay, x_mode=x_mode, process_group=group, **adam,
         **optimizer_kwargs,
     )
-
-
-def _atomic_torch_save(obj: Any, path: str) -> None:
-    """``torch.save`` to a temporary file in the same directory, then ``os.replace``: readers never see a
-    partial file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        if hasattr(os, "fchmod"):
-            os.fchmod(fd, 0o644)  # mkstemp makes 0600 files; torch.save would make 0644 ones
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def _saved_shard_worlds(checkpoint: str) -> set[int]:
@@ -303,7 +277,7 @@ class LoRAProTrainer(transformers.Trainer):
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """Build the LoRA-Pro optimizer (once) from ``self.args``."""
         if self.optimizer is None:
-            opt_model = _unwrap(self.model if model is None else model)
+            opt_model = _inner_model(self.model if model is None else model)
             self.optimizer = _build_optimizer(
                 opt_model,
                 self.args,
@@ -324,11 +298,11 @@ class LoRAProTrainer(transformers.Trainer):
             super()._save_optimizer_and_scheduler(output_dir)
             return
         os.makedirs(output_dir, exist_ok=True)
-        _atomic_torch_save(self.optimizer.state_dict(), os.path.join(output_dir, optimizer_shard_name(rank, world)))
+        atomic_torch_save(os.path.join(output_dir, optimizer_shard_name(rank, world)), self.optimizer.state_dict())
         if self.args.should_save and self.lr_scheduler is not None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # the scheduler's "please save the optimizer" note
-                _atomic_torch_save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+                atomic_torch_save(os.path.join(output_dir, SCHEDULER_NAME), self.lr_scheduler.state_dict())
         import torch.distributed as dist
 
         dist.barrier()  # the checkpoint is complete (every rank's file) before any rank goes on
@@ -396,7 +370,7 @@ class LoRAProDiagnosticsCallback(transformers.TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         from ..diagnostics import GradientDiagnostics
 
-        self.diagnostics = GradientDiagnostics(_unwrap(model), every=self.every)
+        self.diagnostics = GradientDiagnostics(_inner_model(model), every=self.every)
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.diagnostics is not None and self.diagnostics.due(state.global_step):
@@ -409,14 +383,10 @@ class LoRAProDiagnosticsCallback(transformers.TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.diagnostics is None or not state.is_world_process_zero or not self.diagnostics.records:
             return
-        import json
-
         from ..diagnostics import plot_diagnostics
 
         out = self.output_dir or args.output_dir
         os.makedirs(out, exist_ok=True)
-        path = os.path.join(out, "diagnostics.json")
-        with tempfile.NamedTemporaryFile("w", dir=out, delete=False, suffix=".tmp") as f:
-            json.dump({"label": self.label, "every": self.every, "records": self.diagnostics.records}, f)
-        os.replace(f.name, path)
+        saved = json.dumps({"label": self.label, "every": self.every, "records": self.diagnostics.records}).encode()
+        atomic_write_bytes(os.path.join(out, "diagnostics.json"), lambda f: f.write(saved))
         plot_diagnostics({self.label: self.diagnostics.records}, os.path.join(out, "diagnostics.png"))

@@ -7,29 +7,28 @@ memory (allocations live at once during the step, beyond what existed before it)
 
 1. ``lorapro``: our :class:`lorapro.LoRAProAdamW`;
 2. ``paper-literal``: a per-layer transcription of the paper's step as the original code does it
-   (``benchmarks/paper_step.py``: complex eigendecomposition, pseudo-inverses, the m x m projector);
+   (``lorapro/cli/paper_step.py``: complex eigendecomposition, pseudo-inverses, the m x m projector);
 3. ``lora-pro-adamw``: the published peer (``pip install lora-pro-adamw==0.2.1``), ``lorapro_mode="full"``;
 4. ``adamw-lora``: ``torch.optim.AdamW(foreach=True)`` on the LoRA factors only;
 5. ``adamw-full``: ``torch.optim.AdamW(foreach=True)`` on the full weights (full fine-tuning's step);
 6. the floor: ``floor-traffic`` (one read and write of both m x n moments) and ``floor-products`` (the
    rank-r products the step cannot avoid: ``G = [B, b] [a; A]``, ``B^T U`` and ``U A^T``, about 8 m n r flops).
 
-Rows that cannot run here (the peer not installed, the literal baseline outside a repository checkout) are
-reported as skipped. Ratios are printed against our step, so a noisy machine still gives a fair comparison.
+Rows that cannot run here (the peer not installed) are reported as skipped. Ratios are printed against our step, so a noisy machine still gives a fair comparison.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
+
+from .._state import optimizer_state_bytes as _state_bytes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_SHAPES = "2048x2048:8"  # a scaled-down Llama: bound by the rank-r products on a CPU
@@ -161,20 +160,15 @@ def candidates(
 
     if "lorapro" in which:
         out["lorapro"] = ours()
-    for moments in ("bf16", "factored", "efficient"):
+    for moments in ("bf16", "factored", "efficient", "int8-factored", "int8", "adafactor"):
         if f"lorapro-{moments}" in which:
             out[f"lorapro-{moments}"] = ours(moments=moments)
     if "lorapro-fused" in which:  # the first (warm-up) step compiles the fused pass
         out["lorapro-fused"] = ours(fused=True)
     if "paper-literal" in which:
-        path = Path(__file__).resolve().parents[2] / "benchmarks" / "paper_step.py"
-        if path.is_file():
-            spec = importlib.util.spec_from_file_location("paper_step", path)
-            mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)
-            out["paper-literal"] = mod.PaperLoRAProAdamW(layers.pairs(), lr=lr).step
-        else:
-            out["paper-literal"] = "benchmarks/paper_step.py not found (run from a repository checkout)"
+        from .paper_step import PaperLoRAProAdamW
+
+        out["paper-literal"] = PaperLoRAProAdamW(layers.pairs(), lr=lr).step
     if "lora-pro-adamw" in which:
         out["lora-pro-adamw"] = _peer(layers, lr)
     if "adamw-lora" in which:
@@ -236,16 +230,10 @@ def _peer(layers: Layers, lr: float) -> Callable[[], Any] | str:
 
 
 ALL = ["lorapro", "paper-literal", "lora-pro-adamw", "adamw-lora", "adamw-full", "floor-traffic", "floor-products"]
-MEMORY_OPTIONS = ["lorapro-bf16", "lorapro-factored", "lorapro-efficient"]
+MEMORY_OPTIONS = [
+    "lorapro-bf16", "lorapro-factored", "lorapro-efficient", "lorapro-int8-factored", "lorapro-int8", "lorapro-adafactor",
+]
 FUSED = ["lorapro-fused"]  # LoRAProAdamW(fused=True): the torch.compile'd Adam pass
-
-
-def _state_bytes(optimizer: Any) -> float:
-    """Bytes of every tensor in an optimizer's ``state`` (0 when there is no optimizer object)."""
-    state = getattr(optimizer, "state", None)
-    if not isinstance(state, dict):
-        return float("nan")
-    return float(sum(v.numel() * v.element_size() for st in state.values() for v in st.values() if torch.is_tensor(v)))
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:

@@ -1,13 +1,18 @@
-"""Atomic writes: a file or directory appears complete under its final name, or not at all."""
+"""Files that appear complete under their final name or not at all, and the names of per-rank checkpoint files.
+
+Used by the ``lorapro`` command, the integrations and ``experiments/``; imports none of them.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
 def _umask() -> int:
@@ -16,8 +21,12 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: str | os.PathLike, write) -> None:
-    """Call ``write(fileobj)`` on a temporary file next to ``path``, then rename it into place."""
+def atomic_write_bytes(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
+    """Call ``write(fileobj)`` on a temporary file next to ``path``, then rename it into place.
+
+    The file gets the permissions a plain ``open(path, "wb")`` would give it (``0o666`` less the umask);
+    the parent directory is created if needed.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -26,7 +35,7 @@ def atomic_write_bytes(path: str | os.PathLike, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -34,6 +43,7 @@ def atomic_write_bytes(path: str | os.PathLike, write) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """``obj`` as JSON indented by 2, with a final newline."""
     data = (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
     atomic_write_bytes(path, lambda f: f.write(data))
 
@@ -53,3 +63,13 @@ def replace_dir(tmp: Path, out: Path) -> None:
     os.rename(out, old / out.name)
     os.rename(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def rank_file_name(prefix: str, rank: int, world: int) -> str:
+    """``{prefix}.rank{R}-of-{W}.pt``: rank ``R``'s own part of a checkpoint written by ``W`` processes."""
+    return f"{prefix}.rank{rank}-of-{world}.pt"
+
+
+def rank_file_pattern(prefix: str) -> re.Pattern[str]:
+    """Matches the names :func:`rank_file_name` gives for ``prefix``; groups 1 and 2 are the rank and the world."""
+    return re.compile(rf"^{re.escape(prefix)}\.rank(\d+)-of-(\d+)\.pt$")

@@ -1,6 +1,6 @@
 """A literal per-layer transcription of the paper's AdamW step, done the way the original code does it.
 
-Written from SPEC.md (sections 3-6) for the benchmark only: pseudo-inverses of the Gram matrices with a tiny
+Written from docs/algorithm.md (sections 3-6) for the benchmark only: pseudo-inverses of the Gram matrices with a tiny
 jitter, the explicit m x m projector ``I - P_B``, the Sylvester equation through a *general complex*
 eigendecomposition and a linear solve, fresh m x n temporaries for every elementwise expression. It is the
 baseline that ``lorapro bench`` measures our optimizer against; it is not used by the library.

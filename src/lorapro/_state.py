@@ -1,0 +1,15 @@
+"""How much memory an optimizer's state takes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def optimizer_state_bytes(optimizer: Any) -> float:
+    """Bytes of every tensor in ``optimizer.state``; NaN for an object without a ``state`` dict (no optimizer)."""
+    state = getattr(optimizer, "state", None)
+    if not isinstance(state, dict):
+        return float("nan")
+    return float(sum(v.numel() * v.element_size() for st in state.values() for v in st.values() if torch.is_tensor(v)))
