@@ -264,10 +264,15 @@ def adam_on_equivalent_gradient(
     # G = s [B, b] @ [a; A]: one product of inner size 2r per layer, with s folded into the small factor.
     left = torch.cat([B, b], dim=-1).mul_(scale[:, None, None])
     right = torch.cat([a, A], dim=-2)
-    gA_adam = torch.zeros_like(A)
-    gB_adam = torch.empty_like(B)
     m, n = B.shape[-2], A.shape[-1]
     one_step = len(set(steps)) == 1  # the usual case: one eps and one bias correction for the bucket
+    if storage.separable:  # no m x n tensor at all (the adafactor preset)
+        bc2 = 1.0 - beta2 ** steps[0] if one_step else A.new_tensor([1.0 - beta2**t for t in steps])
+        gA_adam, gB_adam = storage.update_separable(left, right, B, A, states, bc2, beta2=beta2)
+        c = scale[:, None, None]
+        return adjusted_lora_gradients(A, B, gA_adam.mul_(c), gB_adam.mul_(c), scale, x_mode=x_mode, factors=factors)
+    gA_adam = torch.zeros_like(A)
+    gB_adam = torch.empty_like(B)
     chunk = layers_per_chunk(m, n, A.device, block_elements) if storage.chunkable and not fused else 1
     if chunk > 1 and one_step:  # several small layers per pass
         eps_t = eps * math.sqrt(1.0 - beta2 ** steps[0])
@@ -289,14 +294,15 @@ def adam_on_equivalent_gradient(
     # U = (M / bc1) / (sqrt(V / bc2) + eps) = (sqrt(bc2) / bc1) * M / (sqrt(V) + eps sqrt(bc2)):
     # the constant and s are applied to the r-sized results, not to an m x n matrix; one op per bucket when
     # its layers share their step count, else per layer.
+    b1 = beta1 if storage.first_moment else 0.0  # no first moment: nothing to correct
     if one_step:
         t = steps[0]
-        c = scale.mul(math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t))[:, None, None]
+        c = scale.mul(math.sqrt(1.0 - beta2**t) / (1.0 - b1**t))[:, None, None]
         gA_adam.mul_(c)
         gB_adam.mul_(c)
     else:
         for i, (s, t) in enumerate(zip(scales, steps)):
-            c = s * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)  # a Python float: no device wait
+            c = s * math.sqrt(1.0 - beta2**t) / (1.0 - b1**t)  # a Python float: no device wait
             gA_adam[i].mul_(c)
             gB_adam[i].mul_(c)
     return adjusted_lora_gradients(A, B, gA_adam, gB_adam, scale, x_mode=x_mode, factors=factors)

@@ -25,6 +25,7 @@ stays within half an ``m x n`` float32 matrix per shape.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -99,9 +100,11 @@ class Workspace:
         # whole step on a CPU, so each step draws one buffer of twice a block and every use takes a block-sized
         # window at a random offset (each element's bits stay uniform, so the rounding stays unbiased).
         self.noise = torch.randint(0, 1 << 16, (2 * rows * n,), dtype=torch.int32, device=device) if noise else None
+        self.scratch: Tensor | None = None  # a float32 block to round or quantize in (SplitMoments)
+        self.codes: Tensor | None = None  # an int32 block of quantization codes (SplitMoments)
 
     def buffers(self) -> list[Tensor]:
-        return [t for t in (self.work, self.M, self.V, self.col, self.noise) if t is not None]
+        return [t for t in (self.work, self.M, self.V, self.col, self.noise, self.scratch, self.codes) if t is not None]
 
     def noise_for(self, like: Tensor) -> Tensor:
         k = like.numel()
@@ -150,6 +153,10 @@ class MomentStorage:
     fusable: bool = False
     # Whether several small layers can go through one pass together (update_chunk).
     chunkable: bool = False
+    # Whether the whole update is made from r-sized products (update_separable) instead of blocks of G.
+    separable: bool = False
+    # Whether it keeps a first moment (without one, U = G / (sqrt(V) + eps) and beta1 is not used).
+    first_moment: bool = True
 
     def state_shapes(self, m: int, n: int) -> dict[str, tuple[int, ...]]:
         """The state entries of one ``m x n`` layer (besides ``step``), with their shapes."""
@@ -320,4 +327,307 @@ class FactoredMoments(MomentStorage):
             torch.mm(U, A.mT, out=gB_out[r0:r1])
 
 
+def dynamic_map(signed: bool) -> Tensor:
+    """The 256 values of 8-bit dynamic quantization (Dettmers, "8-Bit Approximations for Parallelism in Deep
+    Learning", 2016), the code bitsandbytes' and torchao's 8-bit optimizers store their moments in: after the
+    sign (when ``signed``), a run of zero bits sets a power of ten from 1e-6 to 1 and the remaining bits a linear
+    fraction in [0.1, 1]; plus 0 and 1. Small magnitudes keep relative precision, which a linear int8 code
+    (absmax / 127) loses. Sorted ascending, float32; equal to ``bitsandbytes.functional.create_dynamic_map``
+    (tests/test_lean_moments.py)."""
+    values = [0.0, 1.0]
+    for e in range(7):
+        edges = torch.linspace(0.1, 1, 2 ** (e + (0 if signed else 1)) + 1, dtype=torch.float32)
+        mids = (10 ** (e - 6)) * ((edges[:-1] + edges[1:]) / 2.0)
+        values += mids.tolist() + ((-mids).tolist() if signed else [])
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+# Columns per quantization block of an 8-bit moment: each row is cut into chunks of this many (the last one
+# shorter), one float32 absmax each (1/64 byte per element), so a block of rows quantizes on its own.
+QUANT_BLOCK = 256
+
+
+class _Codec:
+    """How one m x n moment is stored: its state entries, a block of rows loaded as float32 and stored back."""
+
+    name = ""
+    bytes_per_element = 4.0
+    copies = True  # loading copies into a workspace buffer (False: the state itself is the float32 block)
+
+    def init(self, key: str, m: int, n: int, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def shapes(self, key: str, m: int, n: int) -> dict[str, tuple[int, ...]]:
+        return {key: (m, n)}
+
+    def load(self, state: dict[str, Tensor], key: str, r0: int, r1: int, buf: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def store(self, state: dict[str, Tensor], key: str, r0: int, r1: int, block: Tensor, ws: Workspace) -> None:
+        pass
+
+
+class _FP32(_Codec):
+    name = "fp32"
+    copies = False
+
+    def init(self, key: str, m: int, n: int, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
+        return {key: torch.zeros(m, n, dtype=dtype, device=device)}
+
+    def load(self, state: dict[str, Tensor], key: str, r0: int, r1: int, buf: Tensor) -> Tensor:
+        return state[key][r0:r1]
+
+
+class _BF16(_Codec):
+    name = "bf16"
+    bytes_per_element = 2.0
+
+    def init(self, key: str, m: int, n: int, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
+        return {key: torch.zeros(m, n, dtype=torch.bfloat16, device=device)}
+
+    def load(self, state: dict[str, Tensor], key: str, r0: int, r1: int, buf: Tensor) -> Tensor:
+        return buf.copy_(state[key][r0:r1])
+
+    def store(self, state: dict[str, Tensor], key: str, r0: int, r1: int, block: Tensor, ws: Workspace) -> None:
+        stochastic_round_to_bf16_(state[key][r0:r1], block, ws.noise_for(block), scratch=ws.scratch[: r1 - r0])
+
+
+class _Int8(_Codec):
+    """Blockwise 8-bit dynamic quantization: ``key`` holds uint8 codes into :func:`dynamic_map`, ``key +
+    "_absmax"`` the float32 absmax of every :data:`QUANT_BLOCK` columns of a row; rounding to the nearest code."""
+
+    bytes_per_element = 1.0 + 4.0 / QUANT_BLOCK
+
+    def __init__(self, signed: bool) -> None:
+        self.signed = signed
+        self.name = "int8"
+        self._maps: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
+
+    def _map(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The code's values and the midpoints between neighbours (the rounding boundaries), on ``device``."""
+        key = (dtype, device)
+        if key not in self._maps:
+            values = dynamic_map(self.signed).to(device=device, dtype=dtype)
+            self._maps[key] = (values, (values[:-1] + values[1:]) / 2)
+        return self._maps[key]
+
+    def shapes(self, key: str, m: int, n: int) -> dict[str, tuple[int, ...]]:
+        return {key: (m, n), f"{key}_absmax": (m, -(-n // QUANT_BLOCK))}
+
+    def init(self, key: str, m: int, n: int, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
+        # absmax 0 makes every code decode to 0, whatever the codes are
+        return {
+            key: torch.zeros(m, n, dtype=torch.uint8, device=device),
+            f"{key}_absmax": torch.zeros(m, -(-n // QUANT_BLOCK), dtype=dtype, device=device),
+        }
+
+    @staticmethod
+    def _chunks(t: Tensor) -> list[Tensor]:
+        """``t`` (rows, n) as (rows, k, QUANT_BLOCK) and, when n is not a multiple, the (rows, 1, rest) tail."""
+        n = t.shape[1]
+        full = n - n % QUANT_BLOCK
+        parts = [t[:, :full].unflatten(1, (full // QUANT_BLOCK, QUANT_BLOCK))] if full else []
+        return parts + ([t[:, full:].unsqueeze(1)] if full < n else [])
+
+    def load(self, state: dict[str, Tensor], key: str, r0: int, r1: int, buf: Tensor) -> Tensor:
+        values, _ = self._map(buf.dtype, buf.device)
+        codes = state[key][r0:r1]
+        torch.index_select(values, 0, codes.reshape(-1).to(torch.int32), out=buf.view(-1))
+        absmax = state[f"{key}_absmax"][r0:r1]
+        k = 0
+        for part in self._chunks(buf):
+            part.mul_(absmax[:, k : k + part.shape[1], None])
+            k += part.shape[1]
+        return buf
+
+    def store(self, state: dict[str, Tensor], key: str, r0: int, r1: int, block: Tensor, ws: Workspace) -> None:
+        _, mids = self._map(block.dtype, block.device)
+        absmax = state[f"{key}_absmax"][r0:r1]
+        scaled = ws.scratch[: r1 - r0]
+        k = 0
+        for part, out in zip(self._chunks(block), self._chunks(scaled)):
+            lo, hi = torch.aminmax(part, dim=2)  # one pass, no |x| temporary
+            a = torch.maximum(hi, lo.neg_()).clamp_min_(torch.finfo(block.dtype).tiny)
+            absmax[:, k : k + part.shape[1]] = a
+            torch.div(part, a[..., None], out=out)
+            k += part.shape[1]
+        codes = torch.bucketize(scaled, mids, out_int32=True, out=ws.codes[: r1 - r0])
+        state[key][r0:r1].copy_(codes)
+
+
+CODECS: dict[str, Callable[[bool], _Codec]] = {
+    "fp32": lambda signed: _FP32(),
+    "bf16": lambda signed: _BF16(),
+    "int8": lambda signed: _Int8(signed),
+}
+
+
+class SplitMoments(MomentStorage):
+    """First and second moment stored independently: ``first`` in fp32 / bf16 / int8 or ``None`` (beta1 = 0,
+    ``U = G / (sqrt(V) + eps)``), ``second`` in fp32 / bf16 / int8 or ``"factored"`` (Adafactor's row and
+    column statistics, as :class:`FactoredMoments`). Low-precision moments are loaded a block of rows at a time
+    into float32, updated there and stored back (bf16 with stochastic rounding, int8 blockwise)."""
+
+    def __init__(self, first: str | None, second: str) -> None:
+        self.first = CODECS[first](True) if first is not None else None
+        self.factored = second == "factored"
+        self.second = None if self.factored else CODECS[second](False)
+        self.first_moment = self.first is not None
+        self.name = f"{first or 'none'}-{second}"
+        # G/U, float32 copies of M and V, a float32 scratch, int32 codes; bf16 adds two blocks of random bits
+        self.workspace_blocks = 5 + 2 * any(isinstance(c, _BF16) for c in (self.first, self.second))
+
+    def state_shapes(self, m: int, n: int) -> dict[str, tuple[int, ...]]:
+        out = self.first.shapes("exp_avg", m, n) if self.first is not None else {}
+        if self.factored:
+            return {**out, "exp_avg_sq_row": (m,), "exp_avg_sq_col": (n,)}
+        return {**out, **self.second.shapes("exp_avg_sq", m, n)}
+
+    def bytes_per_element(self) -> float:
+        """State bytes per adapted weight element, without the O(m + n) factored statistics."""
+        return sum(c.bytes_per_element for c in (self.first, self.second) if c is not None)
+
+    def init_state(self, m: int, n: int, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
+        out = self.first.init("exp_avg", m, n, dtype, device) if self.first is not None else {}
+        if self.factored:
+            out["exp_avg_sq_row"] = torch.zeros(m, dtype=dtype, device=device)
+            out["exp_avg_sq_col"] = torch.zeros(n, dtype=dtype, device=device)
+        else:
+            out.update(self.second.init("exp_avg_sq", m, n, dtype, device))
+        return out
+
+    def workspace(self, rows: int, n: int, dtype: torch.dtype, device: torch.device) -> Workspace:
+        ws = Workspace(
+            rows, n, dtype, device, moments_copies=True, column=self.factored,
+            noise=any(isinstance(c, _BF16) for c in (self.first, self.second)),
+        )
+        ws.scratch = torch.empty(rows, n, dtype=dtype, device=device)
+        ws.codes = torch.empty(rows, n, dtype=torch.int32, device=device)
+        return ws
+
+    def update_layer(
+        self, left: Tensor, right: Tensor, B: Tensor, A: Tensor, state: dict[str, Tensor], ws: Workspace,
+        gA_out: Tensor, gB_out: Tensor, *, beta1: float, beta2: float, eps: float, fused: bool = False,
+    ) -> None:
+        first, second = self.first, self.second
+        m = left.shape[0]
+        if self.factored:
+            R, C = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+            col = ws.col.zero_()
+        for r0 in range(0, m, ws.rows):
+            r1 = min(m, r0 + ws.rows)
+            w = ws.work[: r1 - r0]
+            G = torch.mm(left[r0:r1], right, out=w)
+            if first is not None:
+                Mb = first.load(state, "exp_avg", r0, r1, ws.M[: r1 - r0]).lerp_(G, 1.0 - beta1)
+                first.store(state, "exp_avg", r0, r1, Mb, ws)
+            if self.factored:
+                G2 = torch.square(G, out=ws.scratch[: r1 - r0])
+                R[r0:r1].mul_(beta2).add_(G2.mean(dim=1), alpha=1.0 - beta2)
+                col.add_(G2.sum(dim=0))
+                continue
+            Vb = second.load(state, "exp_avg_sq", r0, r1, ws.V[: r1 - r0])
+            Vb.mul_(beta2).addcmul_(G, G, value=1.0 - beta2)
+            second.store(state, "exp_avg_sq", r0, r1, Vb, ws)
+            denom = torch.sqrt(Vb, out=ws.scratch[: r1 - r0]).add_(eps)
+            U = torch.div(Mb if first is not None else G, denom, out=w)
+            gA_out.addmm_(B[r0:r1].mT, U)
+            torch.mm(U, A.mT, out=gB_out[r0:r1])
+        if not self.factored:
+            return
+        C.mul_(beta2).add_(col, alpha=(1.0 - beta2) / m)
+        inv_mean_R = R.mean().clamp_min(torch.finfo(R.dtype).tiny).reciprocal()
+        for r0 in range(0, m, ws.rows):
+            r1 = min(m, r0 + ws.rows)
+            w = ws.work[: r1 - r0]
+            if first is not None:
+                num = first.load(state, "exp_avg", r0, r1, ws.M[: r1 - r0])
+            else:  # no first moment: U is G itself, made again
+                num = torch.mm(left[r0:r1], right, out=w)
+            V = torch.outer(R[r0:r1], C, out=ws.V[: r1 - r0])
+            U = torch.div(num, V.mul_(inv_mean_R).sqrt_().add_(eps), out=w)
+            gA_out.addmm_(B[r0:r1].mT, U)
+            torch.mm(U, A.mT, out=gB_out[r0:r1])
+
+
+class Adafactor(MomentStorage):
+    r"""No first moment and Adafactor's factored second moment, stepped without any ``m x n`` tensor.
+
+    With ``beta1 = 0`` and the epsilon inside the square (``eps1`` added to ``G^2``, as Adafactor does) the
+    preconditioned update is separable, ``U = k diag(R)^{-1/2} G diag(C)^{-1/2}``, and ``G = P K`` has rank
+    2r (``P = s [B, b]``, ``K = [a; A]``). So the row sums of ``G^2`` are ``p_i^T (K K^T) p_i``, the column sums
+    ``k_j^T (P^T P) k_j``, ``B^T U`` and ``U A^T`` are products of the scaled factors and ``||U||_F^2 =
+    k^2 trace((P'^T P')(K' K'^T))``: O((m + n) r^2) work and memory per layer, batched over the bucket.
+    ``R`` and ``C`` are the running means of ``G^2 + eps1`` over columns and rows (``V_ij = R_i C_j /
+    mean(R)``, bias-corrected by ``1 - beta2^t``); the update is clipped to an RMS of at most ``clip``
+    (Adafactor's ``d``), which bounds the step when the statistics are young or a gradient spikes.
+    """
+
+    name = "adafactor"
+    separable = True
+    first_moment = False
+    eps1 = 1e-30
+    clip = 1.0
+
+    def state_shapes(self, m: int, n: int) -> dict[str, tuple[int, ...]]:
+        return {"exp_avg_sq_row": (m,), "exp_avg_sq_col": (n,)}
+
+    def bytes_per_element(self) -> float:
+        return 0.0
+
+    def init_state(self, m: int, n: int, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
+        return {
+            "exp_avg_sq_row": torch.zeros(m, dtype=dtype, device=device),
+            "exp_avg_sq_col": torch.zeros(n, dtype=dtype, device=device),
+        }
+
+    def update_separable(
+        self, left: Tensor, right: Tensor, B: Tensor, A: Tensor, states: Sequence[dict[str, Tensor]],
+        bias_correction2: float | Tensor, *, beta2: float,
+    ) -> tuple[Tensor, Tensor]:
+        """``(B^T U, U A^T)`` for the stacked layers (``left`` (L, m, 2r), ``right`` (L, 2r, n), ``B``, ``A``),
+        ``U`` bias-corrected (``bias_correction2``: ``1 - beta2^t``, a float, or (L,) when the layers' step
+        counts differ) and clipped; updates ``states``."""
+        m, n = left.shape[-2], right.shape[-1]
+        R = torch.stack([s["exp_avg_sq_row"] for s in states])
+        C = torch.stack([s["exp_avg_sq_col"] for s in states])
+        KKt = right @ right.mT
+        PtP = left.mT @ left
+        row_sq = ((left @ KKt) * left).sum(-1)  # sum_j G_ij^2
+        col_sq = ((right.mT @ PtP) * right.mT).sum(-1)  # sum_i G_ij^2
+        R.mul_(beta2).add_(row_sq.div_(n).add_(self.eps1), alpha=1.0 - beta2)
+        C.mul_(beta2).add_(col_sq.div_(m).add_(self.eps1), alpha=1.0 - beta2)
+        torch._foreach_copy_([s["exp_avg_sq_row"] for s in states], list(R.unbind(0)))
+        torch._foreach_copy_([s["exp_avg_sq_col"] for s in states], list(C.unbind(0)))
+        Ls = left * R.rsqrt()[..., None]  # diag(R)^-1/2 P
+        Rs = right * C.rsqrt()[:, None, :]  # K diag(C)^-1/2
+        k = (bias_correction2 * R.mean(-1)).sqrt()  # U = k Ls Rs
+        rms = k * ((Ls.mT @ Ls) * (Rs @ Rs.mT)).sum((-2, -1)).clamp_min(0).sqrt() / math.sqrt(m * n)
+        k = k / (rms / self.clip).clamp_min(1.0)
+        gA = (B.mT @ Ls) @ Rs
+        gB = Ls @ (Rs @ A.mT)
+        return gA.mul_(k[:, None, None]), gB.mul_(k[:, None, None])
+
+
 STORAGES: dict[str, MomentStorage] = {s.name: s for s in (FP32Moments(), BF16Moments(), FactoredMoments())}
+# The lean presets: about 1 byte per adapted element (int8 first moment, factored second), 2 bytes (both int8),
+# bf16 first moment with a factored second, and O(m + n) per layer (adafactor).
+STORAGES["int8-factored"] = SplitMoments("int8", "factored")
+STORAGES["int8"] = SplitMoments("int8", "int8")
+STORAGES["bf16-factored"] = SplitMoments("bf16", "factored")
+STORAGES["adafactor"] = Adafactor()
+
+
+@functools.cache
+def storage(name: str) -> MomentStorage:
+    """A preset of :data:`STORAGES`, or ``"<first>-<second>"`` with first in fp32 / bf16 / int8 / none and second
+    in fp32 / bf16 / int8 / factored (``"none-factored"`` is the separable :class:`Adafactor`). One object per
+    name (its quantization maps are cached on it)."""
+    if name in STORAGES:
+        return STORAGES[name]
+    first, _, second = name.partition("-")
+    if first not in (*CODECS, "none") or second not in (*CODECS, "factored"):
+        raise ValueError(f"unknown moment storage {name!r}")
+    if first == "none" and second == "factored":
+        return STORAGES["adafactor"]
+    return SplitMoments(None if first == "none" else first, second)

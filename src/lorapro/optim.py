@@ -26,14 +26,15 @@ from ._buckets import apply_update, bucket_pairs, stack_pairs
 from ._dtensor import is_dtensor
 from ._params import ParamsLike, describe, resolve_params
 from .functional import X_MODES, adam_on_equivalent_gradient, adjusted_lora_gradients, compute_dtype
-from .moments import STORAGES
+from .moments import storage as moment_storage
 from .pairs import LoRAPair
 from .sharding import Sharding
 
 __all__ = ["MOMENT_MODES", "LoRAProAdamW", "LoRAProSGD"]
 
-# The m x n storages of Algorithm 2, and "efficient": the r-sized variant that is not Algorithm 2.
-MOMENT_MODES = (*STORAGES, "efficient")
+# The moment storages of Algorithm 2 by preset name (any "<first>-<second>" of lorapro.moments.storage is
+# accepted too), and "efficient": the r-sized variant that is not Algorithm 2.
+MOMENT_MODES = ("full", "bf16", "factored", "efficient", "int8-factored", "int8", "bf16-factored", "adafactor")
 
 
 def _check_nonneg(name: str, value: Any) -> None:
@@ -101,10 +102,10 @@ class _LoRAProOptimizer(Optimizer):
         same error, or step the same list of layers. A rank deciding alone could step layers the others do
         not (their new factors summed into another rank's) or wait in a collective the others never enter.
         """
-        labelled = [(p, describe(p, self._pairs)) for group in self.param_groups for p in group["params"]]
-        sparse = [label for p, label in labelled if p.grad is not None and p.grad.is_sparse]
+        params = [p for group in self.param_groups for p in group["params"]]
+        sparse = [p for p in params if p.grad is not None and p.grad.is_sparse]
         by_device: dict[torch.device, list[Tensor]] = {}
-        for p, _ in labelled:
+        for p in params:
             g = p.grad.to_local() if is_dtensor(p.grad) else p.grad
             if g is not None and not g.is_sparse and g.numel():
                 by_device.setdefault(g.device, []).append(g)
@@ -112,12 +113,12 @@ class _LoRAProOptimizer(Optimizer):
         flags = [torch.stack(torch._foreach_norm(gs, math.inf)).isfinite().all() for gs in by_device.values()]
         ok = not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
         world = self._sharding.world
-        votes = [int(not ok), int(bool(sparse))] + ([int(p.grad is not None) for p, _ in labelled] if world > 1 else [])
+        votes = [int(not ok), int(bool(sparse))] + ([int(p.grad is not None) for p in params] if world > 1 else [])
         not_finite, with_sparse, *have_grad = self._sharding.agree(votes)
         if with_sparse:
-            label = sparse[0] if sparse else "a tensor on another rank"
+            label = describe(sparse[0], self._pairs) if sparse else "a tensor on another rank"
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (got one for {label})")
-        split = [(label, k) for (_, label), k in zip(labelled, have_grad) if 0 < k < world]
+        split = [(describe(p, self._pairs), k) for p, k in zip(params, have_grad) if 0 < k < world]
         if split:
             shown = ", ".join(f"{label} on {k} of {world} ranks" for label, k in split[:3])
             more = f" and {len(split) - 3} more" if len(split) > 3 else ""
@@ -374,13 +375,17 @@ class LoRAProAdamW(_LoRAProOptimizer):
         if not ok:
             raise ValueError(f"Invalid betas: {betas!r} (expected two numbers in [0, 1))")
         moments, fused = group["moments"], group.get("fused", False)
-        if moments not in MOMENT_MODES:
-            raise ValueError(f"Invalid moments: {moments!r} (expected one of {', '.join(MOMENT_MODES)})")
+        try:
+            store = None if moments == "efficient" else moment_storage(moments)
+        except (ValueError, TypeError, AttributeError):
+            raise ValueError(
+                f"Invalid moments: {moments!r} (expected one of {', '.join(MOMENT_MODES)}, or '<first>-<second>' with "
+                "first in fp32, bf16, int8, none and second in fp32, bf16, int8, factored)"
+            ) from None
         if not isinstance(fused, bool):
             raise ValueError(f"Invalid fused: {fused!r} (expected True or False)")
-        if fused and not (moments in STORAGES and STORAGES[moments].fusable):
-            modes = " or ".join(repr(k) for k, s in STORAGES.items() if s.fusable)
-            raise ValueError(f"fused=True is for moments {modes}, not {moments!r}")
+        if fused and not (store is not None and store.fusable):
+            raise ValueError(f"fused=True is for moments 'full', not {moments!r}")
 
     def _expected_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         moments = group["moments"]
@@ -389,14 +394,14 @@ class LoRAProAdamW(_LoRAProOptimizer):
         pair = self._pair_by_B.get(id(param))
         if moments == "efficient" or pair is None:
             return {"exp_avg": tuple(param.shape), "exp_avg_sq": tuple(param.shape)}
-        return STORAGES[moments].state_shapes(*pair.shape)
+        return moment_storage(moments).state_shapes(*pair.shape)
 
     def _step_pairs(self, group: dict[str, Any], pairs: list[LoRAPair]) -> None:
         batch = stack_pairs(pairs)
         if group["moments"] == "efficient":
             self._step_projected_adamw(group, pairs, batch)
             return
-        storage = STORAGES[group["moments"]]
+        storage = moment_storage(group["moments"])
         states = []
         for pair in pairs:
             state = self.state[self._sharding.state_key(pair.B)]
