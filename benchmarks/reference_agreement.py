@@ -1,4 +1,4 @@
-"""Measure how closely LoRAProAdamW / LoRAProSGD follow the literal float64 transcription of SPEC.
+"""Measure how closely LoRAProAdamW / LoRAProSGD follow the literal float64 transcription of docs/algorithm.md.
 
     .venv/bin/python benchmarks/reference_agreement.py
 

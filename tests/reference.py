@@ -1,4 +1,4 @@
-"""A literal float64 transcription of SPEC.md, per layer, deliberately slow and independent of lorapro.
+"""A literal float64 transcription of docs/algorithm.md, per layer, deliberately slow and independent of lorapro.
 
 It reads PEFT layers itself (scale = lora_alpha / r, or / sqrt(r) with rsLoRA), builds the m x m projector,
 inverts with ``torch.linalg.inv`` and solves the Sylvester equation through its Kronecker form, so that it
@@ -14,13 +14,14 @@ from torch import Tensor, nn
 
 
 def ref_adjust(A: Tensor, B: Tensor, gA: Tensor, gB: Tensor, s: float, x_mode: str) -> tuple[Tensor, Tensor]:
-    """SPEC sections 3, 4 and 7: the adjusted gradients (a, b)."""
+    """docs/algorithm.md sections 3, 4 and 7: the adjusted gradients (a, b)."""
     r, m = A.shape[0], B.shape[0]
     AAt = A @ A.T
     if not A.any():  # the mirror case (PEFT zero-initialises an Embedding's A): a = (1/s^2)(B^T B)^-1 gA, b = 0.
         return torch.linalg.inv(B.T @ B) @ gA / s**2, torch.zeros_like(B)
     AAt_inv = torch.linalg.inv(AAt)
-    if not B.any():  # SPEC 7: B = 0 gives a = 0, b = (1/s^2) gB (A A^T)^-1 (and X = 0 minimises ||a - gA||).
+    # docs/algorithm.md section 7: B = 0 gives a = 0, b = (1/s^2) gB (A A^T)^-1 (and X = 0 minimises ||a - gA||).
+    if not B.any():
         return torch.zeros_like(A), gB @ AAt_inv / s**2
     BtB = B.T @ B
     BtB_inv = torch.linalg.inv(BtB)
@@ -56,7 +57,7 @@ def peft_layers(model: nn.Module):
 
 
 class ReferenceLoRAPro:
-    """Algorithm 1 (``algo="sgd"``) or Algorithm 2 (``algo="adamw"``) of SPEC, plus AdamW/SGD for the rest.
+    """Algorithm 1 (``algo="sgd"``) or Algorithm 2 (``algo="adamw"``) of docs/algorithm.md, plus AdamW/SGD for the rest.
 
     ``layers`` is a list of (name, A, B, scale) with A, B parameters of any layout; every other trainable
     parameter of ``model`` is updated with a literal AdamW (or SGD) transcription.

@@ -1,4 +1,4 @@
-"""Property tests of ``lorapro.functional`` (SPEC sections 3 and 4), in float64 unless stated.
+"""Property tests of ``lorapro.functional`` (docs/algorithm.md sections 3 and 4), in float64 unless stated.
 
 Every reference value is computed here independently, from explicit matrices (explicit projectors
 ``P_B = B (B^T B)^-1 B^T``, ``P_A = A^T (A A^T)^-1 A``, Kronecker-product linear maps, ``torch.linalg.lstsq``),

@@ -61,7 +61,7 @@ def test_degenerate_factors_stay_finite(make, kind, x_mode):
 
 
 def test_b_zero_start_moves_only_b_first():
-    """SPEC 7: with B = 0, gA = 0 exactly and the right answer is a = 0, b = (1/s^2) gB (A A^T)^-1."""
+    """docs/algorithm.md section 7: with B = 0, gA = 0 exactly and the answer is a = 0, b = (1/s^2) gB (A A^T)^-1."""
     torch.manual_seed(0)
     A, B, s = _one_layer(torch.randn(3, 7, dtype=torch.float64), torch.zeros(5, 3, dtype=torch.float64))
     A0 = A.detach().clone()
