@@ -160,7 +160,7 @@ def candidates(
 
     if "lorapro" in which:
         out["lorapro"] = ours()
-    for moments in ("bf16", "factored", "efficient", "int8-factored", "int8", "adafactor"):
+    for moments in ("bf16", "factored", "efficient", "int8-factored", "int8", "bf16-factored", "adafactor"):
         if f"lorapro-{moments}" in which:
             out[f"lorapro-{moments}"] = ours(moments=moments)
     if "lorapro-fused" in which:  # the first (warm-up) step compiles the fused pass
@@ -231,7 +231,8 @@ def _peer(layers: Layers, lr: float) -> Callable[[], Any] | str:
 
 ALL = ["lorapro", "paper-literal", "lora-pro-adamw", "adamw-lora", "adamw-full", "floor-traffic", "floor-products"]
 MEMORY_OPTIONS = [
-    "lorapro-bf16", "lorapro-factored", "lorapro-efficient", "lorapro-int8-factored", "lorapro-int8", "lorapro-adafactor",
+    "lorapro-bf16", "lorapro-factored", "lorapro-efficient", "lorapro-int8-factored", "lorapro-int8",
+    "lorapro-bf16-factored", "lorapro-adafactor",
 ]
 FUSED = ["lorapro-fused"]  # LoRAProAdamW(fused=True): the torch.compile'd Adam pass
 
