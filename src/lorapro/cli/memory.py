@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..optim import MOMENT_MODES
+from .data import TASKS as DATA_TASKS
 from .errors import UserError
 
 __all__ = [
@@ -60,9 +61,7 @@ DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16,
 # LoRAProAdamW's moment presets, in its order: full, bf16, factored, efficient, int8-factored, int8, bf16-factored,
 # adafactor.
 PRESETS: tuple[str, ...] = tuple(MOMENT_MODES)
-TASKS = ("auto", "causal-lm", "classification")
-# Task heads beside the base model when a model has no base_model_prefix (as lorapro.cli.models).
-_HEAD_NAMES = ("classifier", "score", "lm_head", "pre_classifier", "qa_outputs", "cls")
+TASKS = ("auto", *DATA_TASKS)  # auto: causal-lm for a model with an LM head, else classification
 
 
 # ------------------------------------------------------------------------------------------------ the model
@@ -151,22 +150,11 @@ def _build_meta(config: Any, task: str, dtype: torch.dtype, num_labels: int) -> 
 
 
 def _head_names(model: nn.Module) -> list[str]:
-    """Top-level children that form the task head (everything beside the base model) and the output embedding
-    layer: what ``lorapro train`` never adapts by default (the rule of :mod:`lorapro.cli.models`)."""
-    names: list[str] = []
-    prefix = getattr(model, "base_model_prefix", None)
-    base = getattr(model, prefix, None) if prefix else None
-    for name, child in model.named_children():
-        is_head = child is not base if base is not None else name in _HEAD_NAMES
-        if is_head and any(True for _ in child.parameters()):
-            names.append(name)
-    out = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
-    if out is not None:
-        for name, module in model.named_modules():
-            if module is out and name and not any(name == h or name.startswith(h + ".") for h in names):
-                names.append(name)
-                break
-    return names
+    """The task head's top-level children and the output embedding: what ``lorapro train`` never adapts by
+    default (the rule of :mod:`lorapro.cli.models`, imported: it does not import transformers or peft)."""
+    from .models import _head_names as head_names
+
+    return head_names(model)
 
 
 def _in(name: str, heads: Sequence[str]) -> bool:
