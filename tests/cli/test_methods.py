@@ -77,7 +77,7 @@ def snapshot(model) -> dict[str, torch.Tensor]:
 
 def test_methods_are_registered_validated_and_in_help(capsys):
     assert set(NEW) <= set(registry.NAMES) and set(NEW) <= set(registry.names(lambda m: m.lora))
-    assert set(registry.names(lambda m: m.peft)) == set(NEW)
+    assert set(NEW) <= set(registry.names(lambda m: m.peft))
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())

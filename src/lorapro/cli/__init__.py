@@ -34,7 +34,7 @@ def _csv_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-_PEFT_HELP = (f"{', '.join(registry.names(lambda m: m.peft))}: PEFT's "
+_PEFT_HELP = (f"{', '.join(registry.names(lambda m: m.peft))}: the peers, "
               + ", ".join(m.peft for m in registry.METHODS if m.peft))
 
 
@@ -54,8 +54,9 @@ def _add_train_args(p: argparse.ArgumentParser, *, compare: bool) -> None:
     g = p.add_argument_group("method")
     if compare:
         g.add_argument("--methods", type=_csv_list, default=list(DEFAULT_METHODS),
-                       help=f"comma-separated, from {', '.join(registry.NAMES)} (default {','.join(DEFAULT_METHODS)}); "
-                            f"{_PEFT_HELP}")
+                       help=f"comma-separated, from {', '.join(registry.NAMES)}; 'method@lr' trains that method at "
+                            f"its own lr (default {','.join(DEFAULT_METHODS)}: lora@1e-3 is LoRA at the lr the "
+                            f"reproduction's validation sweep chose for it on the demo's task); {_PEFT_HELP}")
     else:
         g.add_argument("--method", default=d.method,
                        help=f"one of {', '.join(registry.NAMES)} (default {d.method}); {_PEFT_HELP}")
@@ -179,19 +180,21 @@ def _run(args: argparse.Namespace) -> int:
               f"{result['wall_seconds']:.0f} s -> {Path(args.out) / 'metrics.json'}")
         return 0
     if args.command == "compare":
-        from .compare import compare, format_table
+        from .compare import compare, format_table, parse_run
 
         if int(os.environ.get("WORLD_SIZE") or 1) > 1:
             raise UserError("compare runs each method in its own process; under torchrun use `lorapro train` per method")
         for m in args.methods:
-            method_spec(m)
+            method_spec(parse_run(m)[0])
         for key, value in DEMO_DEFAULTS.items():
             if getattr(args, key) is None and args.epochs is None:
                 setattr(args, key, value)
-        cfg = _config_from_args(args, args.methods[0])
+        cfg = _config_from_args(args, parse_run(args.methods[0])[0])
         cfg.validate()
+        own = [m for m in args.methods if parse_run(m)[1] is not None]
         print(f"Learning rate: {cfg.lr:g} for every method (the paper's protocol: one lr for all; no tuning, "
-              "so the held-out split is never used to choose anything).")
+              "so the held-out split is never used to choose anything)"
+              + (f"; besides, at their own lr: {', '.join(own)}." if own else "."))
         results = compare(cfg, args.methods, Path(args.out), overwrite=args.overwrite, progress=not args.no_progress)
         print()
         print(format_table(results["runs"]))

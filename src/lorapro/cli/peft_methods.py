@@ -1,4 +1,5 @@
-"""The baselines that PEFT provides, as ``lorapro`` methods: LoRA+, LoRA-FA, Riemannian-preconditioned LoRA, LoRA-GA.
+"""The peers as ``lorapro`` methods: PEFT's LoRA+, LoRA-FA, Riemannian-preconditioned LoRA, LoRA-GA, DoRA and
+PiSSA, and pytorch-optimizer's LoRA-RITE.
 
 Every one is a PEFT LoRA model built by :func:`lorapro.cli.models.build_model` (same rank, alpha, targets and
 learning rate as every other method: the paper's protocol) and differs only in what is listed here (their
@@ -24,12 +25,29 @@ entries in :mod:`lorapro._methods` say which of these each one uses):
     training examples (``peft.preprocess_loraga``), then plain AdamW. PEFT subtracts ``s * B0 @ A0`` from each
     base weight, so the model computes the base model's function at init; the saved adapter is converted to a
     standard rank-``2r`` LoRA adapter (``[B, -B0] @ [A; A0]``) that applies to the unmodified base model.
+``pissa`` / ``lorapro-pissa``
+    PiSSA initialisation (``init_lora_weights="pissa"``: ``B0 A0`` from the weight's top-r singular triplets,
+    exact SVD), then AdamW or LoRA-Pro. PEFT subtracts ``s * B0 @ A0`` from the base weight, as for LoRA-GA, and
+    the saved adapter is converted the same way.
+``dora`` / ``lorapro-dora``
+    DoRA (``use_dora=True``), then AdamW or LoRA-Pro (which steps the ``s B A`` direction and trains the
+    magnitudes with AdamW, like every other parameter outside a pair).
+``lora-rite``
+    ``pytorch_optimizer.LoRARite`` (LoRA-RITE, Yen et al., ICLR 2025: a transformation-invariant r x r matrix
+    preconditioner per factor) with the package's defaults (betas 0.9 / 0.999, eps 1e-6, unmagnified gradients
+    clipped to global norm 1, an update whose unmagnified RMS exceeds 1 skipped) and ``lr`` / ``weight_decay``.
+    It pairs its parameters by position, ``[left_1, right_1, left_2, ...]`` with the rank in dim 0 of the left
+    factor and dim -1 of the right one, which is PEFT's ``(lora_A, lora_B)``; the pairs come from
+    :func:`lorapro.find_lora_pairs`, so they are PEFT's layers. Parameters in no pair (the classification head)
+    get AdamW in a second group of the same optimizer, as every other method trains them.
 
-All four are replicated under ``torchrun`` (like the AdamW baselines): only the LoRA-Pro optimizers shard state.
+The PEFT ones and LoRA-RITE are replicated under ``torchrun`` (like the AdamW baselines): only the LoRA-Pro
+optimizers shard state.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import warnings
@@ -48,7 +66,7 @@ RIEMANNIAN_REG = 1e-2  # PEFT's default damping of the r x r preconditioners
 LORAGA_EXAMPLES = 128  # PEFT's LoRA-GA example estimates the gradient from 64 batches of 2
 LORAGA_CONFIG = {"direction": "ArB2r", "scale": "stable", "stable_gamma": 16}  # PEFT's LoraGAConfig defaults
 
-_INIT_ATTR = "_lorapro_loraga_init"  # the initial (A0, B0) of a LoRA-GA model, kept for saving
+_INIT_ATTR = "_lorapro_mutated_init"  # the initial (A0, B0) of a LoRA-GA or PiSSA model, kept for saving
 
 Batch = dict[str, torch.Tensor]
 
@@ -79,14 +97,60 @@ def _riemannian(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
     )
 
 
+@functools.cache
+def _lorarite_class() -> type:
+    from pytorch_optimizer import LoRARite
+    from torch.optim.adamw import adamw
+
+    class LoRARiteWithAdamW(LoRARite):
+        """LoRARite on the groups of LoRA pairs; AdamW (torch's functional step) on the groups marked ``adamw``."""
+
+        def iter_lora_pairs(self, group: dict) -> list:
+            return [] if group.get("adamw") else super().iter_lora_pairs(group)
+
+        @torch.no_grad()
+        def step(self, closure: Any = None) -> Any:
+            loss = super().step(closure)
+            for group in self.param_groups:
+                if not group.get("adamw"):
+                    continue
+                params = [p for p in group["params"] if p.grad is not None]
+                for p in params:
+                    if "exp_avg" not in self.state[p]:
+                        self.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
+                                             exp_avg_sq=torch.zeros_like(p))
+                states = [self.state[p] for p in params]
+                beta1, beta2 = group["betas"]
+                adamw(
+                    params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                    [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states], foreach=False,
+                    amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+                    eps=group["eps"], maximize=False,
+                )
+            return loss
+
+    return LoRARiteWithAdamW
+
+
+def _lorarite(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
+    from lorapro.pairs import find_lora_pairs, split_trainable
+
+    pairs = find_lora_pairs(model)
+    groups = [{"params": [t for p in pairs for t in (p.A, p.B)]}]
+    rest = split_trainable(model, pairs)
+    if rest:
+        groups.append({"params": rest, "adamw": True, "eps": 1e-8})
+    return _lorarite_class()(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 _OPTIMIZERS: dict[str, Callable[[nn.Module, Any], torch.optim.Optimizer]] = {
-    "loraplus": _loraplus, "lorafa": _lorafa, "riemannian": _riemannian,
+    "loraplus": _loraplus, "lorafa": _lorafa, "riemannian": _riemannian, "lorarite": _lorarite,
 }
 
 
 def make_optimizer(name: str, model: nn.Module, cfg: Any, process_group: Any = None) -> torch.optim.Optimizer:
-    """PEFT's optimizer ``name`` (a method's ``peft_optimizer``: ``loraplus``, ``lorafa`` or ``riemannian``) for
-    the PEFT model ``model``, with ``cfg``'s lr, weight decay (and, for LoRA-FA, rank and alpha).
+    """The peer optimizer ``name`` (a method's ``peft_optimizer``: ``loraplus``, ``lorafa``, ``riemannian`` or
+    ``lorarite``) for the PEFT model ``model``, with ``cfg``'s lr, weight decay (and, for LoRA-FA, rank and alpha).
 
     ``process_group`` is ignored: these optimizers keep replicated state, like plain AdamW under DDP.
     """
@@ -155,7 +219,8 @@ def loraga_preprocess(model: nn.Module, lora_config: Any, batches: list[Batch]) 
 
 
 def remember_init(model: nn.Module) -> None:
-    """Keep a CPU copy of the initial LoRA-GA factors (by adapter state-dict key), for :func:`save_as_lora`."""
+    """Keep a CPU copy of the initial factors of a LoRA-GA or PiSSA model (by adapter state-dict key), for
+    :func:`save_as_lora`."""
     from peft.utils import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(model)
@@ -167,7 +232,8 @@ def _is_factor(key: str) -> bool:
 
 
 def save_as_lora(model: nn.Module, directory: str | Path) -> None:
-    """Save a trained LoRA-GA model as a standard LoRA adapter for the *original* base model.
+    """Save a trained LoRA-GA or PiSSA model (whose base weights PEFT changed at init) as a standard LoRA
+    adapter for the *original* base model.
 
     The trained model computes ``W - s B0 A0 + s B A`` = ``W + s [B, -B0] [A; A0]``: a rank-``2r`` adapter with
     ``init_lora_weights=True`` and ``lora_alpha`` doubled (``* sqrt 2`` with rsLoRA), so the scaling ``s`` is
@@ -179,13 +245,13 @@ def save_as_lora(model: nn.Module, directory: str | Path) -> None:
 
     init = getattr(model, _INIT_ATTR, None)
     if init is None:
-        raise ValueError("this model has no recorded LoRA-GA initialisation (was it built with method 'loraga'?)")
+        raise ValueError("this model has no recorded initial adapter (was it built with LoRA-GA or PiSSA init?)")
     directory = Path(directory)
     model.save_pretrained(directory)
     weights = directory / "adapter_model.safetensors"
     state = load_file(weights)
     if set(k for k in state if _is_factor(k)) != set(init):
-        raise ValueError("the saved adapter's LoRA factors do not match the recorded LoRA-GA initialisation")
+        raise ValueError("the saved adapter's LoRA factors do not match the recorded initial adapter")
     for key, value in list(state.items()):
         if ".lora_A." in key:
             state[key] = torch.cat([value, init[key].to(value.dtype)], dim=0).contiguous()
@@ -198,7 +264,7 @@ def save_as_lora(model: nn.Module, directory: str | Path) -> None:
     config["lora_alpha"] = config["lora_alpha"] * (math.sqrt(2) if config.get("use_rslora") else 2)
     for key in ("rank_pattern", "alpha_pattern"):
         if config.get(key):
-            raise ValueError(f"LoRA-GA conversion does not handle {key}")
+            raise ValueError(f"the conversion to a standard LoRA adapter does not handle {key}")
     config["init_lora_weights"] = True
     config["lora_ga_config"] = None
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

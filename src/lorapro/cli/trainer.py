@@ -342,7 +342,8 @@ def _finish(
     if ranks.rank > 0:
         return None
     spec = models_mod.method_spec(cfg.method)
-    models_mod.save_trained(run.model, run.tokenizer, out / ("adapter" if spec.lora else "model"), cfg.method)
+    models_mod.save_trained(run.model, run.tokenizer, out / ("adapter" if spec.lora else "model"), cfg.method,
+                            base_model=cfg.model)
     final = state.evals[-1]
     metric_key = "eval_accuracy" if run.data.task == "classification" else "eval_exact_match"
     result = {
