@@ -42,9 +42,25 @@ def train_then_eval(model: str, out: Path, capsys) -> tuple[str, dict, dict]:
     capsys.readouterr()
     assert main(["eval", "--model", base, "--adapter", str(adapter), "--eval", "rotten-tomatoes", "--max-eval", "8",
                  "--max-length", "32"]) == 0
-    printed = capsys.readouterr().out.split()
-    evaluated = {k: float(v) for k, v in zip(printed[::2], printed[1::2])}
+    printed = capsys.readouterr().out
+    # without --model, eval takes the base model the adapter records: the same scores
+    assert main(["eval", "--adapter", str(adapter), "--eval", "rotten-tomatoes", "--max-eval", "8",
+                 "--max-length", "32"]) == 0
+    assert capsys.readouterr().out == printed
+    words = printed.split()
+    evaluated = {k: float(v) for k, v in zip(words[::2], words[1::2])}
     return base, json.loads((out / "metrics.json").read_text()), evaluated
+
+
+def test_eval_without_model_needs_an_adapter_that_records_one(tmp_path, capsys):
+    assert main(["eval", "--eval", "rotten-tomatoes"]) == 2
+    assert "--model" in capsys.readouterr().err
+    (tmp_path / "adapter").mkdir()
+    assert main(["eval", "--adapter", str(tmp_path / "adapter"), "--eval", "rotten-tomatoes"]) == 2
+    assert "adapter_config.json" in capsys.readouterr().err
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    assert main(["eval", "--adapter", str(tmp_path / "adapter"), "--eval", "rotten-tomatoes"]) == 2
+    assert "records no base model" in capsys.readouterr().err
 
 
 def test_builtin_model_is_recorded_by_its_hub_id_and_eval_loads_the_local_copy(tmp_path, capsys, offline):

@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(max_steps=None)
 
     p = sub.add_parser("eval", help="score a model (optionally with a trained adapter) on a dataset")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", default=None,
+                   help="a builtin name or model directory (default with --adapter: the base model it records)")
     p.add_argument("--adapter", default=None, help="PEFT adapter directory written by lorapro train")
     p.add_argument("--task", choices=TASKS, default=None)
     p.add_argument("--train", default=None, help="the training data (to recover the label set), if --eval is a file")
@@ -201,9 +202,14 @@ def _run(args: argparse.Namespace) -> int:
         print(f"\nwrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'loss_curves.png'}")
         return 0
     if args.command == "eval":
-        from .evaluate import run_eval
+        from .evaluate import recorded_base_model, run_eval
 
-        metrics = run_eval(args.model, args.eval, adapter=args.adapter, task=args.task, train=args.train,
+        model = args.model
+        if model is None:
+            if args.adapter is None:
+                raise UserError("lorapro eval needs --model, or --adapter (whose recorded base model is used)")
+            model = recorded_base_model(args.adapter)
+        metrics = run_eval(model, args.eval, adapter=args.adapter, task=args.task, train=args.train,
                            max_eval=args.max_eval, max_length=args.max_length, eval_batch_size=args.eval_batch_size,
                            max_new_tokens=args.max_new_tokens)
         print(" ".join(f"{k} {v:.4f}" for k, v in metrics.items()))

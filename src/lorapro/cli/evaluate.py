@@ -87,6 +87,21 @@ def _saved_labels(*dirs: str | Path | None) -> list[str] | None:
     return None
 
 
+def recorded_base_model(adapter: str | Path) -> str:
+    """The base model a PEFT adapter directory records (``base_model_name_or_path``): a builtin's Hugging Face
+    id for the built-in models (which :func:`resolve_model <lorapro.cli.models.resolve_model>` maps to the local
+    copy), else the name or path the training was given."""
+    config_file = Path(adapter) / "adapter_config.json"
+    try:
+        name = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError) as e:
+        raise UserError(f"--adapter {adapter}: cannot read its adapter_config.json ({e.__class__.__name__}); "
+                        "pass --model") from None
+    if not name:
+        raise UserError(f"--adapter {adapter}: adapter_config.json records no base model; pass --model")
+    return str(name)
+
+
 def run_eval(
     model: str,
     eval: str,
