@@ -50,6 +50,12 @@ class Method:
         if not self.label:
             object.__setattr__(self, "label", self.name)
 
+    @property
+    def init_changes_base(self) -> bool:
+        """PEFT subtracts the initial ``s B0 A0`` from the base weights (LoRA-GA, PiSSA): the saved adapter must be
+        converted to apply to the unchanged base model."""
+        return self.init in ("loraga", "pissa")
+
 
 METHODS: tuple[Method, ...] = (
     Method("full", lora=False),

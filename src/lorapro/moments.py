@@ -409,6 +409,7 @@ class _Int8(_Codec):
         self.signed = signed
         self.name = "int8"
         self._maps: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
+        self._tables: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     def _map(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
         """The code's values and the midpoints between neighbours (the rounding boundaries), on ``device``."""
@@ -425,8 +426,7 @@ class _Int8(_Codec):
         ``boundary[cell]`` that boundary (+inf when none), and ``code + (x > boundary)`` is what a binary
         search over the boundaries returns (ties to the lower code), in two gathers instead of eight
         data-dependent compares per element."""
-        key = (torch.int32, device)
-        if key not in self._maps:
+        if device not in self._tables:
             _, mids = self._map(torch.float32, torch.device("cpu"))
             cell = torch.arange(1 << _CELL_BITS, dtype=torch.int64) << _CELL_SHIFT
             ends = torch.stack([cell, cell + (1 << _CELL_SHIFT) - 1]).to(torch.int32).view(torch.float32)
@@ -435,8 +435,8 @@ class _Int8(_Codec):
             code_lo, code_hi = torch.bucketize(lo, mids), torch.bucketize(hi, mids)
             assert int((code_hi - code_lo).max()) <= 1  # the table's premise
             boundary = torch.where(code_hi > code_lo, mids[code_lo.clamp_max(mids.numel() - 1)], math.inf)
-            self._maps[key] = (code_lo.to(torch.uint8).to(device), boundary.to(device))
-        return self._maps[key]
+            self._tables[device] = (code_lo.to(torch.uint8).to(device), boundary.to(device))
+        return self._tables[device]
 
     def shapes(self, key: str, m: int, n: int) -> dict[str, tuple[int, ...]]:
         return {key: (m, n), f"{key}_absmax": (m, -(-n // QUANT_BLOCK))}

@@ -185,14 +185,15 @@ def _run(args: argparse.Namespace) -> int:
 
         if int(os.environ.get("WORLD_SIZE") or 1) > 1:
             raise UserError("compare runs each method in its own process; under torchrun use `lorapro train` per method")
-        for m in args.methods:
-            method_spec(parse_run(m)[0])
+        entries = [parse_run(m) for m in args.methods]
+        for method, _ in entries:
+            method_spec(method)
         for key, value in DEMO_DEFAULTS.items():
             if getattr(args, key) is None and args.epochs is None:
                 setattr(args, key, value)
-        cfg = _config_from_args(args, parse_run(args.methods[0])[0])
+        cfg = _config_from_args(args, entries[0][0])
         cfg.validate()
-        own = [m for m in args.methods if parse_run(m)[1] is not None]
+        own = [m for m, (_, lr) in zip(args.methods, entries) if lr is not None]
         print(f"Learning rate: {cfg.lr:g} for every method (the paper's protocol: one lr for all; no tuning, "
               "so the held-out split is never used to choose anything)"
               + (f"; besides, at their own lr: {', '.join(own)}." if own else "."))

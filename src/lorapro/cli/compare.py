@@ -6,6 +6,7 @@ Each method trains in its own process (``lorapro train``), so its wall time and 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from dataclasses import asdict
@@ -49,8 +50,8 @@ def parse_run(entry: str) -> tuple[str, float | None]:
     try:
         lr = float(lr_text)
     except ValueError:
-        lr = -1.0
-    if not lr > 0 or lr != lr or lr == float("inf"):
+        lr = math.nan
+    if not (math.isfinite(lr) and lr > 0):
         raise UserError(f"--methods {entry}: after '@' comes the method's own learning rate, a positive number")
     return method, lr
 
@@ -162,7 +163,7 @@ def compare(
                 (out / file).unlink(missing_ok=True)
         run = json.loads((out / name / "metrics.json").read_text())
         runs.append({**run, "run": name, "own_lr": own_lr})
-    own = [f"{run_label(r)}" for r in runs if r["own_lr"] is not None]
+    own = [run_label(r) for r in runs if r["own_lr"] is not None]
     results = {
         "lr_rule": f"one learning rate for every method ({cfg.lr:g}), as in the paper; nothing tuned on the eval split"
         + (f"; besides, at their own lr: {', '.join(own)}" if own else ""),

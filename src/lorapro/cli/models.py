@@ -475,7 +475,7 @@ def build_model(
             raise UserError(f"--target-modules {', '.join(targets)}: {' '.join(str(e).split())}") from None
         if spec.freeze_lora_a:
             peft_methods.freeze_lora_a(model)
-        if spec.init in ("loraga", "pissa"):  # PEFT changed the base weights: keep B0, A0 for saving
+        if spec.init_changes_base:  # keep B0, A0 for saving
             peft_methods.remember_init(model)
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -522,7 +522,7 @@ def save_trained(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        if spec.init in ("loraga", "pissa"):  # a standard LoRA adapter for the unmodified base model
+        if spec.init_changes_base:  # a standard LoRA adapter for the unmodified base model
             peft_methods.save_as_lora(model, tmp)
         else:
             model.save_pretrained(tmp)
