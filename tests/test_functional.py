@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from lorapro.functional import (
     EigenFactor,
+    adafactor_on_equivalent_gradient,
     adjusted_lora_gradients,
-    adjusted_lora_gradients_of_low_rank,
     eigh_psd,
     equivalent_gradient,
     lora_factors,
@@ -414,26 +414,36 @@ def test_batched_matches_per_layer(p: Problem, x_mode: str, reuse_factors: bool)
 
 
 @SETTINGS
-@given(p=problems(batch=3), x_mode=x_modes, k=st.integers(1, 6), zero_B=st.booleans(), with_weight=st.booleans())
-def test_low_rank_gradient_matches_the_dense_formula(p: Problem, x_mode: str, k: int, zero_B: bool, with_weight):
-    """``adjusted_lora_gradients_of_low_rank`` (U = w left @ right never formed) is adjusted_lora_gradients of
-    the LoRA gradients of the dense U, batched and per layer, including B = 0 (PEFT's initialisation)."""
+@given(p=problems(batch=3), x_mode=x_modes, zero_B=st.booleans(), clip=st.sampled_from([1e-3, 1.0, math.inf]),
+       young=st.booleans())
+def test_adafactor_step_matches_the_dense_transcription(p: Problem, x_mode: str, zero_B: bool, clip: float, young):
+    """``adafactor_on_equivalent_gradient`` (nothing m x n formed) against the dense float64 transcription: form
+    ``G`` from the closed form, its factored second moment with epsilon inside the square, divide, clip the RMS,
+    project back. Batched, per-layer bias corrections, B = 0 (PEFT's initialisation), clipping on and off."""
     gen = torch.Generator().manual_seed(p.seed)
     L, m, n = p.A.shape[0], p.B.shape[-2], p.A.shape[-1]
     B = torch.zeros_like(p.B) if zero_B else p.B
-    left, right = randn(gen, L, m, k), randn(gen, L, k, n)
-    w = torch.rand(L, generator=gen, dtype=F64) + 0.5 if with_weight else None
-    U = left @ right * (1.0 if w is None else w[:, None, None])
-    gA, gB = lora_gradients(p.A, B, U, p.s)
-    a_ref, b_ref = adjusted_lora_gradients(p.A, B, gA, gB, p.s, x_mode=x_mode)
-    a, b = adjusted_lora_gradients_of_low_rank(p.A, B, left, right, p.s, weight=w, x_mode=x_mode)
-    ref = max(ab_scale(p.A[i], B[i], gA[i], gB[i], float(p.s[i])) for i in range(L)) if not zero_B else None
+    gA, gB = lora_gradients(p.A, B, p.g, p.s)
+    R0 = torch.zeros(L, m, dtype=F64) if young else torch.rand(L, m, generator=gen, dtype=F64)
+    C0 = torch.zeros(L, n, dtype=F64) if young else torch.rand(L, n, generator=gen, dtype=F64)
+    beta2, eps1 = 0.9, 1e-30
+    bc2 = torch.tensor([1.0 - beta2 ** (i + 1) for i in range(L)], dtype=F64)
+    R, C = R0.clone(), C0.clone()
+    a, b = adafactor_on_equivalent_gradient(p.A, B, gA, gB, p.s, R, C, bc2, beta2=beta2, eps1=eps1, clip=clip,
+                                            x_mode=x_mode)
+    a0, b0 = adjusted_lora_gradients(p.A, B, gA, gB, p.s, x_mode="zero")
+    G = equivalent_gradient(p.A, B, a0, b0, p.s)
+    R_ref = beta2 * R0 + (1 - beta2) * (G * G + eps1).mean(-1)
+    C_ref = beta2 * C0 + (1 - beta2) * (G * G + eps1).mean(-2)
+    V = R_ref[:, :, None] * C_ref[:, None, :] / R_ref.mean(-1)[:, None, None]
+    U = G / (V / bc2[:, None, None]).sqrt()
+    U = U / (U.square().mean((-2, -1)).sqrt() / clip).clamp_min(1.0)[:, None, None]
+    a_ref, b_ref = adjusted_lora_gradients(p.A, B, *lora_gradients(p.A, B, U, p.s), p.s, x_mode=x_mode)
+    assert_rel_close(R, R_ref, rel=1e-10)
+    assert_rel_close(C, C_ref, rel=1e-10)
+    ref = float(max(a_ref.abs().max(), b_ref.abs().max()))
     assert_rel_close(a, a_ref, rel=1e-10, ref=ref)
     assert_rel_close(b, b_ref, rel=1e-10, ref=ref)
-    a0, b0 = adjusted_lora_gradients_of_low_rank(p.A[0], B[0], left[0], right[0], float(p.s[0]),
-                                                 weight=None if w is None else w[0], x_mode=x_mode)
-    assert_rel_close(a0, a_ref[0], rel=1e-10, ref=ref)
-    assert_rel_close(b0, b_ref[0], rel=1e-10, ref=ref)
 
 
 @SETTINGS

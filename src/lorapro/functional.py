@@ -61,7 +61,7 @@ __all__ = [
     "LoRAFactors",
     "adam_on_equivalent_gradient",
     "adjusted_lora_gradients",
-    "adjusted_lora_gradients_of_low_rank",
+    "adafactor_on_equivalent_gradient",
     "compute_dtype",
     "eigh_psd",
     "equivalent_gradient",
@@ -215,46 +215,82 @@ def adjusted_lora_gradients(
     return a, b
 
 
-def adjusted_lora_gradients_of_low_rank(
+def adafactor_on_equivalent_gradient(
     A: Tensor,
     B: Tensor,
-    left: Tensor,
-    right: Tensor,
-    scale: float | Tensor,
+    gA: Tensor,
+    gB: Tensor,
+    scale: Tensor,
+    row: Tensor,
+    col: Tensor,
+    bias_correction2: float | Tensor,
     *,
-    weight: Tensor | None = None,
+    beta2: float,
+    eps1: float = 1e-30,
+    clip: float = 1.0,
     x_mode: XMode = "sylvester",
-    factors: LoRAFactors | None = None,
     rcond: float | None = None,
 ) -> tuple[Tensor, Tensor]:
-    r""":func:`adjusted_lora_gradients` for the LoRA gradients of a full gradient given as a product,
-    ``U = w * left @ right`` (``left`` (..., m, k), ``right`` (..., k, n), ``w`` = ``weight`` of the batch
-    shape or 1), without forming ``U`` or the gradients ``g_A = s B^T U``, ``g_B = s U A^T``.
+    r"""Algorithm 2's direction with no first moment and Adafactor's factored second moment, for ``L`` layers of
+    one shape, without any ``m x n`` tensor: O((m + n) r^2) work and O((m + n) r) memory per layer.
 
-    With ``Y = B^T left`` and ``Z = right A^T`` (r x k and k x r), ``(B^T B)^+ g_A / s^2 = M right`` with
-    ``M = (w/s) (B^T B)^+ Y``, and ``(I - P_B) g_B (A A^T)^+ / s^2 = left N - B (B^T B)^+ Y N`` with
-    ``N = (w/s) Z (A A^T)^+``; the Sylvester right-hand side is ``-M Z``. Every product with an ``m``- or
-    ``n``-sized factor has inner or outer size r or k, so the work is O((m + n) r k) and nothing is
-    ``m x n``. Equal to :func:`adjusted_lora_gradients` of ``(s B^T U, s U A^T)`` up to rounding.
+    ``A`` (L, r, n), ``B`` (L, m, r), their gradients and ``scale`` (L,) in :func:`compute_dtype`; ``row`` (L, m)
+    and ``col`` (L, n) the running means of ``G^2 + eps1`` over columns and over rows, updated in place;
+    ``bias_correction2`` is ``1 - beta2^t``, a float or (L,). Per layer:
+
+    1. ``(a, b)`` = :func:`adjusted_lora_gradients` with ``X = 0``; ``G = P K`` with ``P = s [B, b]`` (m x 2r)
+       and ``K = [a; A]`` (2r x n);
+    2. ``sum_j G_ij^2 = p_i^T (K K^T) p_i`` and ``sum_i G_ij^2 = k_j^T (P^T P) k_j`` update ``row`` and
+       ``col``; with ``V_ij = row_i col_j / mean(row)`` (Adafactor's epsilon inside the square, which keeps
+       this exact) ``U = G / sqrt(V / bc2) = c Ls Rs``, ``Ls = diag(row)^{-1/2} P``, ``Rs = K diag(col)^{-1/2}``,
+       ``c = sqrt(bc2 mean(row))``, and ``c`` shrinks so that ``RMS(U) <= clip`` (``||U||_F^2 =
+       c^2 trace((Ls^T Ls)(Rs Rs^T))``);
+    3. returns :func:`adjusted_lora_gradients` of ``(s B^T U, s U A^T)`` with ``x_mode``'s ``X``, from ``r x 2r``
+       products: with ``Y = B^T Ls``, ``Z = Rs A^T``, ``M = (c/s) (B^T B)^+ Y``, ``N = (c/s) Z (A A^T)^+``,
+       ``a' = M Rs + X A`` and ``b' = Ls N - B ((B^T B)^+ Y N + X)`` (the Sylvester right-hand side is ``-M Z``).
+
+    ``[s B, s b, B]`` and ``[a; A; A]`` are built once and scaled in place, so each of the products above is
+    one batched matrix product over the bucket.
     """
     if x_mode not in X_MODES:
         raise ValueError(f"x_mode must be one of {X_MODES}, got {x_mode!r}")
-    ct = compute_dtype(A.dtype)
-    A, B, left, right = A.to(ct), B.to(ct), left.to(ct), right.to(ct)
-    f = lora_factors(A, B, rcond) if factors is None else factors
-    w = _scale_tensor(scale, A).reciprocal()
-    if weight is not None:
-        w = w * weight.to(ct).reshape(*weight.shape, 1, 1)
-    BtB_pinv, AAt_pinv = f.BtB.pinv(), f.AAt.pinv()
-    Y = B.mT @ left
-    Z = right @ A.mT
-    M = (w * BtB_pinv) @ Y
-    N = Z @ (w * AAt_pinv)
-    BN = BtB_pinv @ (Y @ N)  # b = left N - B BN
+    r, m, n = A.shape[-2], B.shape[-2], A.shape[-1]
+    s = scale.reshape(-1, 1, 1)
+    BtB, AAt = B.mT @ B, A @ A.mT
+    f = LoRAFactors(eigh_psd(BtB, rcond), eigh_psd(AAt, rcond))
+    Bp, Ap = f.BtB.pinv(), f.AAt.pinv()
+    # step 1 with X = 0: a = (B^T B)^+ gA / s^2, b = (gB - B (B^T B)^+ B^T gB) (A A^T)^+ / s^2
+    Ap_s2 = Ap / (s * s)
+    a = (Bp / (s * s)) @ gA
+    b = torch.baddbmm(gB @ Ap_s2, B, Bp @ (B.mT @ gB) @ Ap_s2, alpha=-1.0)
+    lb = torch.cat([B * s, b * s, B], dim=-1)  # [P, B]; P becomes Ls in place
+    rb = torch.cat([a, A, A], dim=-2)  # [K; A]; K becomes Rs in place
+    P, K = lb[..., : 2 * r], rb[..., : 2 * r, :]
+    # K K^T = [[a a^T, a A^T], [A a^T, A A^T]] and P^T P = [[s^2 B^T B, s^2 B^T b], [., s^2 b^T b]]
+    Ka = K @ a.mT
+    KKt = torch.cat([torch.cat([Ka[..., :r, :], Ka[..., r:, :].mT], -1), torch.cat([Ka[..., r:, :], AAt], -1)], -2)
+    Pb = P.mT @ lb[..., r : 2 * r]
+    PtP = torch.cat([torch.cat([BtB * (s * s), Pb[..., :r, :]], -1), torch.cat([Pb[..., :r, :].mT, Pb[..., r:, :]], -1)], -2)
+    row_sq = (P @ KKt).mul_(P).sum(-1)
+    col_sq = (PtP @ K).mul_(K).sum(-2)
+    row.mul_(beta2).add_(row_sq.div_(n).add_(eps1), alpha=1.0 - beta2)
+    col.mul_(beta2).add_(col_sq.div_(m).add_(eps1), alpha=1.0 - beta2)
+    c = (bias_correction2 * row.mean(-1)).sqrt()
+    P.mul_(row.rsqrt()[..., None])  # Ls
+    K.mul_(col.rsqrt()[..., None, :])  # Rs
+    LtL_LtB = P.mT @ lb  # [Ls^T Ls, Ls^T B]
+    RRt_RAt = K @ rb.mT  # [Rs Rs^T, Rs A^T]
+    sq = torch.linalg.vecdot(LtL_LtB[..., : 2 * r], RRt_RAt[..., : 2 * r]).sum(-1).clamp_min(0)
+    rms = c * sq.sqrt() / math.sqrt(m * n)
+    w = (c / (rms / clip).clamp_min(1.0) / scale).reshape(-1, 1, 1)
+    Y, Z = LtL_LtB[..., 2 * r :].mT, RRt_RAt[..., 2 * r :]
+    M = (w * Bp) @ Y
+    N = Z @ (w * Ap)
+    BN = Bp @ (Y @ N)
     if x_mode == "sylvester":
         X = solve_sylvester_spd(f.BtB, f.AAt, -(M @ Z))
-        return _add_product(X @ A, M, right), _add_product(left @ N, B, BN + X, alpha=-1.0)
-    return M @ right, _add_product(left @ N, B, BN, alpha=-1.0)
+        return torch.cat([M, X], -1) @ rb, lb @ torch.cat([N, -(BN + X)], -2)
+    return M @ K, torch.baddbmm(P @ N, B, BN, alpha=-1.0)
 
 
 def _add_product(C: Tensor, X: Tensor, Y: Tensor, alpha: float = 1.0) -> Tensor:
@@ -311,17 +347,16 @@ def adam_on_equivalent_gradient(
 
     beta1, beta2 = betas
     scale = scale_vector(tuple(scales), A.dtype, A.device)
+    one_step = len(set(steps)) == 1  # the usual case: one eps and one bias correction for the bucket
+    if storage.separable:  # no m x n tensor at all (the adafactor preset)
+        bc2 = 1.0 - beta2 ** steps[0] if one_step else A.new_tensor([1.0 - beta2**t for t in steps])
+        return storage.step_separable(A, B, gA, gB, scale, states, bc2, beta2=beta2, x_mode=x_mode)
     factors = lora_factors(A, B) if factors is None else factors
     a, b = adjusted_lora_gradients(A, B, gA, gB, scale, x_mode="zero", factors=factors)
     # G = s [B, b] @ [a; A]: one product of inner size 2r per layer, with s folded into the small factor.
     left = torch.cat([B, b], dim=-1).mul_(scale[:, None, None])
     right = torch.cat([a, A], dim=-2)
     m, n = B.shape[-2], A.shape[-1]
-    one_step = len(set(steps)) == 1  # the usual case: one eps and one bias correction for the bucket
-    if storage.separable:  # no m x n tensor at all (the adafactor preset)
-        bc2 = 1.0 - beta2 ** steps[0] if one_step else A.new_tensor([1.0 - beta2**t for t in steps])
-        Ls, Rs, k = storage.precondition_separable(left, right, states, bc2, beta2=beta2)
-        return adjusted_lora_gradients_of_low_rank(A, B, Ls, Rs, scale, weight=k, x_mode=x_mode, factors=factors)
     gA_adam = torch.zeros_like(A)
     gB_adam = torch.empty_like(B)
     chunk = layers_per_chunk(m, n, A.device, block_elements) if storage.chunkable and not fused else 1

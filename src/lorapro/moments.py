@@ -157,7 +157,7 @@ class MomentStorage:
     fusable: bool = False
     # Whether several small layers can go through one pass together (update_chunk).
     chunkable: bool = False
-    # Whether the whole update is made from r-sized products (update_separable) instead of blocks of G.
+    # Whether the whole update is made from r-sized products (step_separable) instead of blocks of G.
     separable: bool = False
     # Whether it keeps a first moment (without one, U = G / (sqrt(V) + eps) and beta1 is not used).
     first_moment: bool = True
@@ -182,6 +182,13 @@ class MomentStorage:
         ``V <- beta2 V + (1 - beta2) G^2``, ``U' = M / (sqrt(V) + eps)``; writes ``gA_out = B^T U'`` (it must
         be zero on entry: blocks accumulate into it) and ``gB_out = U' A^T``.
         """
+        raise NotImplementedError
+
+    def step_separable(
+        self, A: Tensor, B: Tensor, gA: Tensor, gB: Tensor, scale: Tensor, states: Sequence[dict[str, Tensor]],
+        bias_correction2: float | Tensor, *, beta2: float, x_mode: str,
+    ) -> tuple[Tensor, Tensor]:
+        """The whole direction of a bucket from r-sized products (storages with ``separable``)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -622,30 +629,23 @@ class Adafactor(MomentStorage):
             "exp_avg_sq_col": torch.zeros(n, dtype=dtype, device=device),
         }
 
-    def precondition_separable(
-        self, left: Tensor, right: Tensor, states: Sequence[dict[str, Tensor]], bias_correction2: float | Tensor,
-        *, beta2: float,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Update ``states`` with ``G = left @ right`` (``left`` (L, m, 2r), ``right`` (L, 2r, n)) and return
-        ``(Ls, Rs, k)`` with the bias-corrected, clipped update ``U = k Ls Rs`` (``k`` of shape (L,)).
-        ``bias_correction2``: ``1 - beta2^t``, a float, or (L,) when the layers' step counts differ."""
-        m, n = left.shape[-2], right.shape[-1]
+    def step_separable(
+        self, A: Tensor, B: Tensor, gA: Tensor, gB: Tensor, scale: Tensor, states: Sequence[dict[str, Tensor]],
+        bias_correction2: float | Tensor, *, beta2: float, x_mode: str,
+    ) -> tuple[Tensor, Tensor]:
+        """:func:`lorapro.functional.adafactor_on_equivalent_gradient` for a bucket, its row and column
+        statistics read from and written back to ``states``."""
+        from .functional import adafactor_on_equivalent_gradient
+
         R = torch.stack([s["exp_avg_sq_row"] for s in states])
         C = torch.stack([s["exp_avg_sq_col"] for s in states])
-        KKt = right @ right.mT
-        PtP = left.mT @ left
-        # sum_j G_ij^2 = p_i^T (K K^T) p_i and sum_i G_ij^2 = k_j^T (P^T P) k_j, as contiguous products
-        row_sq = (left @ KKt).mul_(left).sum(-1)
-        col_sq = (PtP @ right).mul_(right).sum(-2)
-        R.mul_(beta2).add_(row_sq.div_(n).add_(self.eps1), alpha=1.0 - beta2)
-        C.mul_(beta2).add_(col_sq.div_(m).add_(self.eps1), alpha=1.0 - beta2)
+        out = adafactor_on_equivalent_gradient(
+            A, B, gA, gB, scale, R, C, bias_correction2, beta2=beta2, eps1=self.eps1, clip=self.clip,
+            x_mode=x_mode,  # type: ignore[arg-type]
+        )
         torch._foreach_copy_([s["exp_avg_sq_row"] for s in states], list(R.unbind(0)))
         torch._foreach_copy_([s["exp_avg_sq_col"] for s in states], list(C.unbind(0)))
-        Ls = left * R.rsqrt()[..., None]  # diag(R)^-1/2 P
-        Rs = right * C.rsqrt()[:, None, :]  # K diag(C)^-1/2
-        k = (bias_correction2 * R.mean(-1)).sqrt()  # U = k Ls Rs
-        rms = k * torch.linalg.vecdot(Ls.mT @ Ls, Rs @ Rs.mT).sum(-1).clamp_min(0).sqrt() / math.sqrt(m * n)
-        return Ls, Rs, k / (rms / self.clip).clamp_min(1.0)
+        return out
 
 
 STORAGES: dict[str, MomentStorage] = {s.name: s for s in (FP32Moments(), BF16Moments(), FactoredMoments())}
