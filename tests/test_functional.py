@@ -26,6 +26,7 @@ from lorapro.functional import (
     lora_gradients,
     solve_sylvester_spd,
     tangent_projection,
+    truncate_low_rank_product,
 )
 
 F64 = torch.float64
@@ -444,6 +445,25 @@ def test_adafactor_step_matches_the_dense_transcription(p: Problem, x_mode: str,
     ref = float(max(a_ref.abs().max(), b_ref.abs().max()))
     assert_rel_close(a, a_ref, rel=1e-10, ref=ref)
     assert_rel_close(b, b_ref, rel=1e-10, ref=ref)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**31 - 1), m=st.integers(1, 12), n=st.integers(1, 12), k=st.integers(1, 5),
+       j=st.integers(1, 4), beta=st.sampled_from([0.0, 0.5, 0.9, 0.99]), zero=st.booleans())
+def test_truncate_low_rank_product_is_the_best_rank_k_approximation(seed, m, n, k, j, beta, zero):
+    """``left @ right`` becomes the SVD truncation to rank k of ``beta left @ right + (1 - beta) P @ K`` (batched;
+    a zero ``left``, the first step, included), wherever the k-th singular value is separated from the next."""
+    gen = torch.Generator().manual_seed(seed)
+    left = torch.zeros(2, m, k, dtype=F64) if zero else randn(gen, 2, m, k)
+    right, P, K = randn(gen, 2, k, n), randn(gen, 2, m, j), randn(gen, 2, j, n)
+    target = beta * left @ right + (1 - beta) * P @ K
+    u, sv, vh = torch.linalg.svd(target, full_matrices=False)
+    if k < sv.shape[-1]:
+        assume(bool(((sv[..., k - 1] - sv[..., k]) > 1e-3 * sv[..., 0]).all()))
+    best = (u[..., :k] * sv[..., None, :k]) @ vh[..., :k, :]
+    truncate_low_rank_product(left, right, P, K, beta)
+    assert left.shape == (2, m, k) and right.shape == (2, k, n)
+    assert_rel_close(left @ right, best, rel=1e-9, ref=float(sv[..., 0].max()))
 
 
 @SETTINGS

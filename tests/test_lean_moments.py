@@ -47,8 +47,9 @@ def _grads(pairs, step):
 class DenseReference:
     """Algorithm 2 with the given first / second moment, per layer, in float64, with every m x n tensor formed."""
 
-    def __init__(self, first: bool, second: str, *, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, wd=0.01, x_mode="sylvester"):
-        self.first, self.second = first, second
+    def __init__(self, first: bool, second: str, *, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, wd=0.01, x_mode="sylvester",
+                 momentum_rank: int | None = None):
+        self.first, self.second, self.momentum_rank = first, second, momentum_rank
         self.lr, self.betas, self.eps, self.wd, self.x_mode = lr, betas, eps, wd, x_mode
         self.state: dict[int, dict[str, torch.Tensor]] = {}
         self.t = 0
@@ -67,6 +68,10 @@ class DenseReference:
             num = G
             if self.first:
                 st["M"] = b1 * st["M"] + (1 - b1) * G
+                if self.momentum_rank is not None:  # its best rank-k approximation
+                    u, sv, vh = torch.linalg.svd(st["M"], full_matrices=False)
+                    k = self.momentum_rank
+                    st["M"] = (u[:, :k] * sv[:k]) @ vh[:k]
                 num = st["M"] / (1 - b1**t)
             if self.second == "full":
                 st["V"] = b2 * st["V"] + (1 - b2) * G * G
@@ -89,13 +94,15 @@ class DenseReference:
 @pytest.mark.parametrize(
     "moments, first, second",
     [("fp32-fp32", True, "full"), ("none-fp32", False, "full"), ("fp32-factored", True, "factored"),
-     ("none-fp32", False, "full"), ("adafactor", False, "adafactor")],
+     ("none-fp32", False, "full"), ("adafactor", False, "adafactor"), ("lowrank-factored", True, "adafactor")],
 )
 @pytest.mark.parametrize("x_mode", ["sylvester", "zero"])
 def test_float64_storage_follows_the_dense_transcription(moments, first, second, x_mode):
+    """Every storage against :class:`DenseReference`; ``lowrank-factored`` keeps the first moment at rank 2r
+    (truncated by an SVD of the dense m x n moment there), which layers of min(m, n) > 2r actually truncate."""
     ours, theirs = _pairs(), _pairs()
     opt = lorapro.LoRAProAdamW(ours, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.01, moments=moments, x_mode=x_mode)
-    ref = DenseReference(first, second, x_mode=x_mode)
+    ref = DenseReference(first, second, x_mode=x_mode, momentum_rank=2 * R if moments == "lowrank-factored" else None)
     for step in range(STEPS):
         _grads(ours, step)
         _grads(theirs, step)
@@ -198,7 +205,9 @@ def test_int8_codes_are_bitsandbytes_blockwise_codes():
     assert agree > 0.999, agree  # (ties at a midpoint may round either way)
 
 
-@pytest.mark.parametrize("moments", ["int8-factored", "int8", "bf16-factored", "adafactor", "none-int8", "int8-bf16"])
+@pytest.mark.parametrize(
+    "moments", ["int8-factored", "int8", "bf16-factored", "adafactor", "lowrank-factored", "none-int8", "int8-bf16"]
+)
 def test_presets_resume_exactly_and_have_the_size_they_claim(moments):
     torch.manual_seed(0)
     pairs = _pairs(torch.float32)
@@ -229,9 +238,10 @@ def test_presets_resume_exactly_and_have_the_size_they_claim(moments):
     for p in pairs:
         m, n = p.shape
         held = {k: v for k, v in opt.state[p.B].items() if k != "step"}
-        assert {k: tuple(v.shape) for k, v in held.items()} == store.state_shapes(m, n)
+        assert {k: tuple(v.shape) for k, v in held.items()} == store.state_shapes(m, n, rank=R)
         nbytes = sum(v.numel() * v.element_size() for v in held.values())
-        assert nbytes <= store.bytes_per_element() * m * n + 4 * (m + n) + 4 * m * math.ceil(n / QUANT_BLOCK)
+        low_rank = 4 * 2 * R * (m + n) if moments == "lowrank-factored" else 0  # the rank-2r first moment
+        assert nbytes <= store.bytes_per_element() * m * n + 4 * (m + n) + 4 * m * math.ceil(n / QUANT_BLOCK) + low_rank
 
 
 def test_int8_factored_tracks_the_full_moments():

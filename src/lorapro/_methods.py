@@ -70,7 +70,7 @@ METHODS: tuple[Method, ...] = (
     # the lean moment presets (lorapro.moments): ~1 byte, 2 bytes, ~2 bytes per element, O(m + n) per layer
     *(
         Method(f"lorapro-{preset}", lorapro="adamw", lorapro_kwargs=_kwargs(x_mode="sylvester", moments=preset))
-        for preset in ("int8-factored", "int8", "bf16-factored", "adafactor")
+        for preset in ("int8-factored", "int8", "bf16-factored", "adafactor", "lowrank-factored")
     ),
     Method("loraplus", peft_optimizer="loraplus", peft="LoRA+ (lr of B x16)"),
     Method("lorafa", peft_optimizer="lorafa", freeze_lora_a=True, peft="LoRA-FA (A frozen)"),

@@ -69,6 +69,7 @@ __all__ = [
     "lora_gradients",
     "solve_sylvester_spd",
     "tangent_projection",
+    "truncate_low_rank_product",
 ]
 
 
@@ -229,10 +230,13 @@ def adafactor_on_equivalent_gradient(
     eps1: float = 1e-30,
     clip: float = 1.0,
     x_mode: XMode = "sylvester",
+    momentum: tuple[Tensor, Tensor] | None = None,
+    beta1: float = 0.9,
+    bias_correction1: float | Tensor = 1.0,
     rcond: float | None = None,
 ) -> tuple[Tensor, Tensor]:
-    r"""Algorithm 2's direction with no first moment and Adafactor's factored second moment, for ``L`` layers of
-    one shape, without any ``m x n`` tensor: O((m + n) r^2) work and O((m + n) r) memory per layer.
+    r"""Algorithm 2's direction with Adafactor's factored second moment and no first moment or a low-rank one, for
+    ``L`` layers of one shape, without any ``m x n`` tensor: O((m + n) r^2) work, O((m + n) r) memory per layer.
 
     ``A`` (L, r, n), ``B`` (L, m, r), their gradients and ``scale`` (L,) in :func:`compute_dtype`; ``row`` (L, m)
     and ``col`` (L, n) the running means of ``G^2 + eps1`` over columns and over rows, updated in place;
@@ -240,17 +244,22 @@ def adafactor_on_equivalent_gradient(
 
     1. ``(a, b)`` = :func:`adjusted_lora_gradients` with ``X = 0``; ``G = P K`` with ``P = s [B, b]`` (m x 2r)
        and ``K = [a; A]`` (2r x n);
-    2. ``sum_j G_ij^2 = p_i^T (K K^T) p_i`` and ``sum_i G_ij^2 = k_j^T (P^T P) k_j`` update ``row`` and
-       ``col``; with ``V_ij = row_i col_j / mean(row)`` (Adafactor's epsilon inside the square, which keeps
-       this exact) ``U = G / sqrt(V / bc2) = c Ls Rs``, ``Ls = diag(row)^{-1/2} P``, ``Rs = K diag(col)^{-1/2}``,
-       ``c = sqrt(bc2 mean(row))``, and ``c`` shrinks so that ``RMS(U) <= clip`` (``||U||_F^2 =
+    2. ``sum_j G_ij^2 = p_i^T (K K^T) p_i`` and ``sum_i G_ij^2 = k_j^T (P^T P) k_j`` update ``row`` and ``col``;
+    3. the first moment: ``M = G`` when ``momentum`` is None; else ``momentum = (L_M, R_M)`` ((L, m, k) and
+       (L, k, n), updated in place) holds ``M ~ L_M R_M`` and becomes the best rank-k approximation of
+       ``beta1 L_M R_M + (1 - beta1) P K`` (:func:`truncate_low_rank_product`), corrected by
+       ``bias_correction1`` (``1 - beta1^t``);
+    4. with ``V_ij = row_i col_j / mean(row)`` (Adafactor's epsilon inside the square, which keeps this
+       exact) ``U = M / sqrt(V / bc2) = c Ls Rs``, ``Ls = diag(row)^{-1/2} L_M``, ``Rs = R_M diag(col)^{-1/2}``,
+       ``c = sqrt(bc2 mean(row)) / bc1``, and ``c`` shrinks so that ``RMS(U) <= clip`` (``||U||_F^2 =
        c^2 trace((Ls^T Ls)(Rs Rs^T))``);
-    3. returns :func:`adjusted_lora_gradients` of ``(s B^T U, s U A^T)`` with ``x_mode``'s ``X``, from ``r x 2r``
-       products: with ``Y = B^T Ls``, ``Z = Rs A^T``, ``M = (c/s) (B^T B)^+ Y``, ``N = (c/s) Z (A A^T)^+``,
-       ``a' = M Rs + X A`` and ``b' = Ls N - B ((B^T B)^+ Y N + X)`` (the Sylvester right-hand side is ``-M Z``).
+    5. returns :func:`adjusted_lora_gradients` of ``(s B^T U, s U A^T)`` with ``x_mode``'s ``X``, from r-sized
+       products: with ``Y = B^T Ls``, ``Z = Rs A^T``, ``M' = (c/s) (B^T B)^+ Y``, ``N = (c/s) Z (A A^T)^+``,
+       ``a' = M' Rs + X A`` and ``b' = Ls N - B ((B^T B)^+ Y N + X)`` (the Sylvester right-hand side is
+       ``-M' Z``).
 
-    ``[s B, s b, B]`` and ``[a; A; A]`` are built once and scaled in place, so each of the products above is
-    one batched matrix product over the bucket.
+    ``[Ls, B]`` and ``[Rs; A]`` are built once and scaled in place, so each of the products of step 5 is one
+    batched matrix product over the bucket.
     """
     if x_mode not in X_MODES:
         raise ValueError(f"x_mode must be one of {X_MODES}, got {x_mode!r}")
@@ -263,8 +272,8 @@ def adafactor_on_equivalent_gradient(
     Ap_s2 = Ap / (s * s)
     a = (Bp / (s * s)) @ gA
     b = torch.baddbmm(gB @ Ap_s2, B, Bp @ (B.mT @ gB) @ Ap_s2, alpha=-1.0)
-    lb = torch.cat([B * s, b * s, B], dim=-1)  # [P, B]; P becomes Ls in place
-    rb = torch.cat([a, A, A], dim=-2)  # [K; A]; K becomes Rs in place
+    lb = torch.cat([B * s, b * s, B], dim=-1)  # [P, B]
+    rb = torch.cat([a, A, A], dim=-2)  # [K; A]
     P, K = lb[..., : 2 * r], rb[..., : 2 * r, :]
     # K K^T = [[a a^T, a A^T], [A a^T, A A^T]] and P^T P = [[s^2 B^T B, s^2 B^T b], [., s^2 b^T b]]
     Ka = K @ a.mT
@@ -276,21 +285,54 @@ def adafactor_on_equivalent_gradient(
     row.mul_(beta2).add_(row_sq.div_(n).add_(eps1), alpha=1.0 - beta2)
     col.mul_(beta2).add_(col_sq.div_(m).add_(eps1), alpha=1.0 - beta2)
     c = (bias_correction2 * row.mean(-1)).sqrt()
-    P.mul_(row.rsqrt()[..., None])  # Ls
-    K.mul_(col.rsqrt()[..., None, :])  # Rs
-    LtL_LtB = P.mT @ lb  # [Ls^T Ls, Ls^T B]
-    RRt_RAt = K @ rb.mT  # [Rs Rs^T, Rs A^T]
-    sq = torch.linalg.vecdot(LtL_LtB[..., : 2 * r], RRt_RAt[..., : 2 * r]).sum(-1).clamp_min(0)
+    if momentum is not None:  # [Ls, B] and [Rs; A] from the new first moment instead of G's factors
+        left, right = momentum
+        truncate_low_rank_product(left, right, P, K, beta1, rcond)
+        lb = torch.cat([left, B], dim=-1)
+        rb = torch.cat([right, A], dim=-2)
+        c = c / bias_correction1
+    k = lb.shape[-1] - r
+    Ls, Rs = lb[..., :k], rb[..., :k, :]
+    Ls.mul_(row.rsqrt()[..., None])
+    Rs.mul_(col.rsqrt()[..., None, :])
+    LtL_LtB = Ls.mT @ lb  # [Ls^T Ls, Ls^T B]
+    RRt_RAt = Rs @ rb.mT  # [Rs Rs^T, Rs A^T]
+    sq = torch.linalg.vecdot(LtL_LtB[..., :k], RRt_RAt[..., :k]).sum(-1).clamp_min(0)
     rms = c * sq.sqrt() / math.sqrt(m * n)
     w = (c / (rms / clip).clamp_min(1.0) / scale).reshape(-1, 1, 1)
-    Y, Z = LtL_LtB[..., 2 * r :].mT, RRt_RAt[..., 2 * r :]
+    Y, Z = LtL_LtB[..., k:].mT, RRt_RAt[..., k:]
     M = (w * Bp) @ Y
     N = Z @ (w * Ap)
     BN = Bp @ (Y @ N)
     if x_mode == "sylvester":
         X = solve_sylvester_spd(f.BtB, f.AAt, -(M @ Z))
         return torch.cat([M, X], -1) @ rb, lb @ torch.cat([N, -(BN + X)], -2)
-    return M @ K, torch.baddbmm(P @ N, B, BN, alpha=-1.0)
+    return M @ Rs, torch.baddbmm(Ls @ N, B, BN, alpha=-1.0)
+
+
+def truncate_low_rank_product(
+    left: Tensor, right: Tensor, P: Tensor, K: Tensor, beta: float, rcond: float | None = None
+) -> None:
+    r"""``left @ right <- `` the best rank-k approximation of ``beta left @ right + (1 - beta) P @ K``, in place
+    (``left`` (..., m, k), ``right`` (..., k, n), ``P`` (..., m, j), ``K`` (..., j, n)), from (k + j)-sized
+    products only.
+
+    With ``Lc = [beta left, (1 - beta) P]`` and ``Rc = [right; K]``, the Gram matrices ``Lc^T Lc = Q_L Λ_L Q_L^T``
+    and ``Rc Rc^T = Q_R Λ_R Q_R^T`` give ``Lc Rc = U_L C V_R^T`` with orthonormal ``U_L = Lc Q_L Λ_L^{-1/2}``,
+    ``V_R^T = Λ_R^{-1/2} Q_R^T Rc`` and the small core ``C = Λ_L^{1/2} Q_L^T Q_R Λ_R^{1/2}``; with ``C = U S V^T``
+    the top k singular triplets are ``left = Lc Q_L Λ_L^{-1/2} U_k S_k`` and ``right = V_k^T Λ_R^{-1/2} Q_R^T Rc``.
+    Eigenvalues that count as zero (:func:`eigh_psd`) are dropped, so a zero ``left`` (the first step) is exact.
+    """
+    Lc = torch.cat([left * beta, P * (1.0 - beta)], dim=-1)
+    Rc = torch.cat([right, K], dim=-2)
+    eL, eR = eigh_psd(Lc.mT @ Lc, rcond), eigh_psd(Rc @ Rc.mT, rcond)
+    sL, sR = eL.eigvals.sqrt(), eR.eigvals.sqrt()
+    U, S, Vh = torch.linalg.svd((sL[..., :, None] * (eL.Q.mT @ eR.Q)) * sR[..., None, :])
+    k = left.shape[-1]
+    TL = (eL.Q * eL.inv_eigvals.sqrt()[..., None, :]) @ (U[..., :k] * S[..., None, :k])
+    TR = (Vh[..., :k, :] * eR.inv_eigvals.sqrt()[..., None, :]) @ eR.Q.mT
+    left.copy_(Lc @ TL)
+    right.copy_(TR @ Rc)
 
 
 def _add_product(C: Tensor, X: Tensor, Y: Tensor, alpha: float = 1.0) -> Tensor:
@@ -350,7 +392,10 @@ def adam_on_equivalent_gradient(
     one_step = len(set(steps)) == 1  # the usual case: one eps and one bias correction for the bucket
     if storage.separable:  # no m x n tensor at all (the adafactor preset)
         bc2 = 1.0 - beta2 ** steps[0] if one_step else A.new_tensor([1.0 - beta2**t for t in steps])
-        return storage.step_separable(A, B, gA, gB, scale, states, bc2, beta2=beta2, x_mode=x_mode)
+        bc1 = 1.0 - beta1 ** steps[0] if one_step else A.new_tensor([1.0 - beta1**t for t in steps])
+        return storage.step_separable(
+            A, B, gA, gB, scale, states, bc2, beta2=beta2, x_mode=x_mode, beta1=beta1, bias_correction1=bc1
+        )
     factors = lora_factors(A, B) if factors is None else factors
     a, b = adjusted_lora_gradients(A, B, gA, gB, scale, x_mode="zero", factors=factors)
     # G = s [B, b] @ [a; A]: one product of inner size 2r per layer, with s folded into the small factor.

@@ -162,11 +162,14 @@ class MomentStorage:
     # Whether it keeps a first moment (without one, U = G / (sqrt(V) + eps) and beta1 is not used).
     first_moment: bool = True
 
-    def state_shapes(self, m: int, n: int) -> dict[str, tuple[int, ...]]:
-        """The state entries of one ``m x n`` layer (besides ``step``), with their shapes."""
+    def state_shapes(self, m: int, n: int, *, rank: int = 0) -> dict[str, tuple[int, ...]]:
+        """The state entries of one ``m x n`` layer of LoRA rank ``rank`` (besides ``step``), with their shapes
+        (``rank`` matters only to storages whose state is r-sized)."""
         return {"exp_avg": (m, n), "exp_avg_sq": (m, n)}
 
-    def init_state(self, m: int, n: int, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
+    def init_state(
+        self, m: int, n: int, dtype: torch.dtype, device: torch.device, *, rank: int = 0
+    ) -> dict[str, Tensor]:
         raise NotImplementedError
 
     def workspace(self, rows: int, n: int, dtype: torch.dtype, device: torch.device) -> Workspace:
@@ -186,7 +189,8 @@ class MomentStorage:
 
     def step_separable(
         self, A: Tensor, B: Tensor, gA: Tensor, gB: Tensor, scale: Tensor, states: Sequence[dict[str, Tensor]],
-        bias_correction2: float | Tensor, *, beta2: float, x_mode: str,
+        bias_correction2: float | Tensor, *, beta2: float, x_mode: str, beta1: float = 0.0,
+        bias_correction1: float | Tensor = 1.0,
     ) -> tuple[Tensor, Tensor]:
         """The whole direction of a bucket from r-sized products (storages with ``separable``)."""
         raise NotImplementedError
@@ -203,7 +207,9 @@ class FP32Moments(MomentStorage):
     fusable = True
     chunkable = True
 
-    def init_state(self, m: int, n: int, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
+    def init_state(
+        self, m: int, n: int, dtype: torch.dtype, device: torch.device, *, rank: int = 0
+    ) -> dict[str, Tensor]:
         return {
             "exp_avg": torch.zeros(m, n, dtype=dtype, device=device),
             "exp_avg_sq": torch.zeros(m, n, dtype=dtype, device=device),
@@ -263,7 +269,9 @@ class BF16Moments(MomentStorage):
     name = "bf16"
     workspace_blocks = 5  # G/U, float32 copies of M and V, two blocks of int32 random bits
 
-    def init_state(self, m: int, n: int, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
+    def init_state(
+        self, m: int, n: int, dtype: torch.dtype, device: torch.device, *, rank: int = 0
+    ) -> dict[str, Tensor]:
         return {
             "exp_avg": torch.zeros(m, n, dtype=torch.bfloat16, device=device),
             "exp_avg_sq": torch.zeros(m, n, dtype=torch.bfloat16, device=device),
@@ -300,10 +308,12 @@ class FactoredMoments(MomentStorage):
     name = "factored"
     workspace_blocks = 2  # G/U and the block of V
 
-    def state_shapes(self, m: int, n: int) -> dict[str, tuple[int, ...]]:
+    def state_shapes(self, m: int, n: int, *, rank: int = 0) -> dict[str, tuple[int, ...]]:
         return {"exp_avg": (m, n), "exp_avg_sq_row": (m,), "exp_avg_sq_col": (n,)}
 
-    def init_state(self, m: int, n: int, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
+    def init_state(
+        self, m: int, n: int, dtype: torch.dtype, device: torch.device, *, rank: int = 0
+    ) -> dict[str, Tensor]:
         return {
             "exp_avg": torch.zeros(m, n, dtype=dtype, device=device),
             "exp_avg_sq_row": torch.zeros(m, dtype=dtype, device=device),
@@ -522,7 +532,7 @@ class SplitMoments(MomentStorage):
         int8, bf16 = (any(isinstance(c, kind) for c in codecs) for kind in (_Int8, _BF16))
         self.workspace_blocks = 4 + 3 * int8 + 2 * bf16
 
-    def state_shapes(self, m: int, n: int) -> dict[str, tuple[int, ...]]:
+    def state_shapes(self, m: int, n: int, *, rank: int = 0) -> dict[str, tuple[int, ...]]:
         out = self.first.shapes("exp_avg", m, n) if self.first is not None else {}
         if self.factored:
             return {**out, "exp_avg_sq_row": (m,), "exp_avg_sq_col": (n,)}
@@ -532,7 +542,9 @@ class SplitMoments(MomentStorage):
         """State bytes per adapted weight element, without the O(m + n) factored statistics."""
         return sum(c.bytes_per_element for c in (self.first, self.second) if c is not None)
 
-    def init_state(self, m: int, n: int, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
+    def init_state(
+        self, m: int, n: int, dtype: torch.dtype, device: torch.device, *, rank: int = 0
+    ) -> dict[str, Tensor]:
         out = self.first.init("exp_avg", m, n, dtype, device) if self.first is not None else {}
         if self.factored:
             out["exp_avg_sq_row"] = torch.zeros(m, dtype=dtype, device=device)
@@ -599,62 +611,79 @@ class SplitMoments(MomentStorage):
 
 
 class Adafactor(MomentStorage):
-    r"""No first moment and Adafactor's factored second moment, stepped without any ``m x n`` tensor.
+    r"""Adafactor's factored second moment, with no first moment or a low-rank one, stepped without any
+    ``m x n`` tensor (:func:`lorapro.functional.adafactor_on_equivalent_gradient`).
 
-    With ``beta1 = 0`` and the epsilon inside the square (``eps1`` added to ``G^2``, as Adafactor does) the
-    preconditioned update is separable, ``U = k diag(R)^{-1/2} G diag(C)^{-1/2}``, and ``G = P K`` has rank
-    2r (``P = s [B, b]``, ``K = [a; A]``). So the row sums of ``G^2`` are ``p_i^T (K K^T) p_i``, the column sums
-    ``k_j^T (P^T P) k_j``, ``B^T U`` and ``U A^T`` are products of the scaled factors and ``||U||_F^2 =
-    k^2 trace((P'^T P')(K' K'^T))``: O((m + n) r^2) work and memory per layer, batched over the bucket.
-    ``R`` and ``C`` are the running means of ``G^2 + eps1`` over columns and rows (``V_ij = R_i C_j /
-    mean(R)``, bias-corrected by ``1 - beta2^t``); the update is clipped to an RMS of at most ``clip``
-    (Adafactor's ``d``), which bounds the step when the statistics are young or a gradient spikes.
+    With the epsilon inside the square (``eps1`` added to ``G^2``, as Adafactor does) the preconditioned update
+    is separable, ``U = c diag(R)^{-1/2} M diag(C)^{-1/2}``, and ``G = P K`` has rank 2r (``P = s [B, b]``,
+    ``K = [a; A]``): the row and column sums of ``G^2``, the RMS of ``U`` and ``B^T U``, ``U A^T`` are products
+    of r-sized factors. ``R`` and ``C`` are the running means of ``G^2 + eps1`` over columns and rows
+    (``V_ij = R_i C_j / mean(R)``, bias-corrected by ``1 - beta2^t``); the update is clipped to an RMS of at
+    most ``clip`` (Adafactor's ``d``).
+
+    * ``momentum_rank = 0`` (``"adafactor"``): ``M = G``, no first moment; state ``m + n`` numbers per layer.
+    * ``momentum_rank = k`` (``"lowrank-factored"``, k = 2r): Adam's first moment ``M = beta1 M + (1 - beta1) G``
+      kept as its best rank-k approximation, ``M ~ L R`` (``exp_avg_left`` m x k, ``exp_avg_right`` k x n), and
+      bias-corrected by ``1 - beta1^t``; state ``(2r + 1)(m + n)`` numbers per layer, as much as AdamW's two
+      moments on the LoRA factors. One step's ``G`` has rank 2r, so the truncation drops only what older steps
+      contributed outside the top 2r directions.
     """
 
-    name = "adafactor"
     separable = True
-    first_moment = False
     eps1 = 1e-30
     clip = 1.0
 
-    def state_shapes(self, m: int, n: int) -> dict[str, tuple[int, ...]]:
-        return {"exp_avg_sq_row": (m,), "exp_avg_sq_col": (n,)}
+    def __init__(self, name: str = "adafactor", momentum_rank: int = 0) -> None:
+        self.name = name
+        self.momentum_rank = momentum_rank  # in units of r
+        self.first_moment = momentum_rank > 0
+
+    def state_shapes(self, m: int, n: int, *, rank: int = 0) -> dict[str, tuple[int, ...]]:
+        out: dict[str, tuple[int, ...]] = {"exp_avg_sq_row": (m,), "exp_avg_sq_col": (n,)}
+        if self.momentum_rank:
+            k = self.momentum_rank * rank
+            out.update(exp_avg_left=(m, k), exp_avg_right=(k, n))
+        return out
 
     def bytes_per_element(self) -> float:
         return 0.0
 
-    def init_state(self, m: int, n: int, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
-        return {
-            "exp_avg_sq_row": torch.zeros(m, dtype=dtype, device=device),
-            "exp_avg_sq_col": torch.zeros(n, dtype=dtype, device=device),
-        }
+    def init_state(
+        self, m: int, n: int, dtype: torch.dtype, device: torch.device, *, rank: int = 0
+    ) -> dict[str, Tensor]:
+        return {k: torch.zeros(shape, dtype=dtype, device=device) for k, shape in self.state_shapes(m, n, rank=rank).items()}
 
     def step_separable(
         self, A: Tensor, B: Tensor, gA: Tensor, gB: Tensor, scale: Tensor, states: Sequence[dict[str, Tensor]],
-        bias_correction2: float | Tensor, *, beta2: float, x_mode: str,
+        bias_correction2: float | Tensor, *, beta2: float, x_mode: str, beta1: float = 0.0,
+        bias_correction1: float | Tensor = 1.0,
     ) -> tuple[Tensor, Tensor]:
-        """:func:`lorapro.functional.adafactor_on_equivalent_gradient` for a bucket, its row and column
-        statistics read from and written back to ``states``."""
+        """:func:`lorapro.functional.adafactor_on_equivalent_gradient` for a bucket, its statistics (and
+        low-rank first moment) read from and written back to ``states``."""
         from .functional import adafactor_on_equivalent_gradient
 
-        R = torch.stack([s["exp_avg_sq_row"] for s in states])
-        C = torch.stack([s["exp_avg_sq_col"] for s in states])
+        keys = list(self.state_shapes(1, 1, rank=1))
+        stacked = {key: torch.stack([s[key] for s in states]) for key in keys}
+        momentum = (stacked["exp_avg_left"], stacked["exp_avg_right"]) if self.momentum_rank else None
         out = adafactor_on_equivalent_gradient(
-            A, B, gA, gB, scale, R, C, bias_correction2, beta2=beta2, eps1=self.eps1, clip=self.clip,
-            x_mode=x_mode,  # type: ignore[arg-type]
+            A, B, gA, gB, scale, stacked["exp_avg_sq_row"], stacked["exp_avg_sq_col"], bias_correction2,
+            beta2=beta2, eps1=self.eps1, clip=self.clip, x_mode=x_mode,  # type: ignore[arg-type]
+            momentum=momentum, beta1=beta1, bias_correction1=bias_correction1,
         )
-        torch._foreach_copy_([s["exp_avg_sq_row"] for s in states], list(R.unbind(0)))
-        torch._foreach_copy_([s["exp_avg_sq_col"] for s in states], list(C.unbind(0)))
+        for key in keys:
+            torch._foreach_copy_([s[key] for s in states], list(stacked[key].unbind(0)))
         return out
 
 
 STORAGES: dict[str, MomentStorage] = {s.name: s for s in (FP32Moments(), BF16Moments(), FactoredMoments())}
 # The lean presets: about 1 byte per adapted element (int8 first moment, factored second), 2 bytes (both int8),
-# bf16 first moment with a factored second, and O(m + n) per layer (adafactor).
+# bf16 first moment with a factored second, O(m + n) per layer (adafactor), and (2r + 1)(m + n) per layer, what
+# AdamW keeps for the LoRA factors (lowrank-factored: the first moment at rank 2r).
 STORAGES["int8-factored"] = SplitMoments("int8", "factored")
 STORAGES["int8"] = SplitMoments("int8", "int8")
 STORAGES["bf16-factored"] = SplitMoments("bf16", "factored")
 STORAGES["adafactor"] = Adafactor()
+STORAGES["lowrank-factored"] = Adafactor("lowrank-factored", momentum_rank=2)
 
 
 @functools.cache

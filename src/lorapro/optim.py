@@ -34,7 +34,9 @@ __all__ = ["MOMENT_MODES", "LoRAProAdamW", "LoRAProSGD"]
 
 # The moment storages of Algorithm 2 by preset name (any "<first>-<second>" of lorapro.moments.storage is
 # accepted too), and "efficient": the r-sized variant that is not Algorithm 2.
-MOMENT_MODES = ("full", "bf16", "factored", "efficient", "int8-factored", "int8", "bf16-factored", "adafactor")
+MOMENT_MODES = (
+    "full", "bf16", "factored", "efficient", "int8-factored", "int8", "bf16-factored", "adafactor", "lowrank-factored",
+)
 
 
 def _check_nonneg(name: str, value: Any) -> None:
@@ -397,7 +399,7 @@ class LoRAProAdamW(_LoRAProOptimizer):
         pair = self._pair_by_B.get(id(param))
         if moments == "efficient" or pair is None:
             return {"exp_avg": tuple(param.shape), "exp_avg_sq": tuple(param.shape)}
-        return moment_storage(moments).state_shapes(*pair.shape)
+        return moment_storage(moments).state_shapes(*pair.shape, rank=pair.rank)
 
     def _step_pairs(self, group: dict[str, Any], pairs: list[LoRAPair]) -> None:
         batch = stack_pairs(pairs)
@@ -410,7 +412,7 @@ class LoRAProAdamW(_LoRAProOptimizer):
             state = self.state[self._sharding.state_key(pair.B)]
             if not state:
                 state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
-                state.update(storage.init_state(*pair.shape, batch.A.dtype, pair.B.device))
+                state.update(storage.init_state(*pair.shape, batch.A.dtype, pair.B.device, rank=pair.rank))
             states.append(state)
         torch._foreach_add_([state["step"] for state in states], 1.0)
         a, b = adam_on_equivalent_gradient(

@@ -306,6 +306,6 @@ def test_state_shapes_agree_with_init_state(preset):
     from lorapro.moments import storage
 
     for m, n in ((64, 32), (11008, 4096), (300, 257)):
-        state = storage(preset).init_state(m, n, torch.float32, torch.device("meta"))
-        assert {k: tuple(t.shape) for k, t in state.items()} == storage(preset).state_shapes(m, n)
+        state = storage(preset).init_state(m, n, torch.float32, torch.device("meta"), rank=8)
+        assert {k: tuple(t.shape) for k, t in state.items()} == storage(preset).state_shapes(m, n, rank=8)
         assert all(t.device.type == "meta" for t in state.values())

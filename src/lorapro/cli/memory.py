@@ -212,7 +212,7 @@ def _state_bytes(preset: str, m: int, n: int, r: int, dtype: torch.dtype) -> int
         return 2 * r * (m + n) * dtype.itemsize
     from ..moments import storage
 
-    state = storage(preset).init_state(m, n, dtype, torch.device("meta"))
+    state = storage(preset).init_state(m, n, dtype, torch.device("meta"), rank=r)
     return sum(_nbytes(t) for t in state.values())
 
 
