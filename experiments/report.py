@@ -116,15 +116,16 @@ def sweep_table(name: str, *, smoke: bool) -> str:
 
 
 def load_tuned(name: str, *, smoke: bool) -> list[dict]:
-    """The ``tuned`` runs, and the ``final`` runs of the methods whose best validation lr is the shared one
+    """The ``tuned`` runs, and the ``final`` runs of the swept methods whose best validation lr is the shared one
     (run.py reuses those instead of repeating them)."""
     runs = load(name, "tuned", smoke=smoke)
     if not runs:
         return runs
     have = {r["method"] for r in runs}
+    swept = {r["method"] for r in load(name, "sweep", smoke=smoke)} - set(OWN_LRS)
     for r in load(name, "final", smoke=smoke):
         m = r["method"]
-        if m not in have and m in SWEEP_METHODS and r["config"]["lr"] == best_lr(name, m, smoke):
+        if m not in have and m in swept and r["config"]["lr"] == best_lr(name, m, smoke):
             runs.append(r)
     return runs
 

@@ -447,7 +447,7 @@ def format_table(rows: list[dict[str, Any]], gpu_gib: float | None = None, reser
         t = max(r["transient"] for r in pro)
         notes.append(f"LoRA-Pro's step also allocates, for a moment, up to {_gib(t)} {short} (one m x n matrix of the "
                      "largest layer in float32: block workspace and rank-sized stacks); not in the totals "
-                     "(efficient and adafactor: negligible).")
+                     "(efficient, adafactor and lowrank-factored: r-sized, negligible).")
     if any(r["preset"] == "efficient" for r in pro):
         notes.append("* efficient is not LoRA-Pro's Algorithm 2: r-sized AdamW moments on the adjusted gradients "
                      "of A and B (what LoRA costs).")
