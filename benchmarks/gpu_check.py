@@ -3,9 +3,9 @@
 Steps, in order, each run in its own child process with its own time budget (a failure or a timeout in one is
 recorded, with its traceback / output tail, and the next one runs):
 
-1. ``device_tests``: LoRAProAdamW (moments full, bf16, factored, int8-factored, adafactor, efficient, and
-   ``fused=True`` for full) and LoRAProSGD on the device against the float64 reference ``tests/reference.py``
-   (run on the CPU: its factored state is CPU-only), in float64 and float32; the same optimizer on the device
+1. ``device_tests``: LoRAProAdamW (moments full, bf16, factored, int8-factored, adafactor, lowrank-factored,
+   efficient, and ``fused=True`` for full) and LoRAProSGD on the device against the float64 reference
+   ``tests/reference.py`` (run on the CPU: its factored state is CPU-only), in float64 and float32; the same optimizer on the device
    against the CPU; bf16 parameters stay finite and bf16; state_dict save/load resumes bit for bit on the
    device. (No test in tests/ is parametrized by device, so this subset is run here instead.)
 2. ``syncs``: host-device synchronisations in one step per moment mode (``benchmarks/gpu_sync.count_syncs``);
@@ -70,7 +70,7 @@ SMOLLM2_135M = dict(  # noqa: C408  config.json of the converted SmolLM2-135M-In
 TINY_LLAMA = dict(SMOLLM2_135M, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=64)
 TRAIN_METHODS = ["lora", "lorapro", "lorapro-fused", "lorapro-bf16", "lorapro-factored", "lorapro-int8-factored",
-                 "lorapro-bf16-factored", "lorapro-adafactor", "lorapro-efficient", "full"]
+                 "lorapro-bf16-factored", "lorapro-adafactor", "lorapro-lowrank-factored", "lorapro-efficient", "full"]
 
 
 def _maxdiff(xs, ys) -> float:
@@ -117,7 +117,8 @@ def step_device_tests(args, device: torch.device) -> dict:
     variants = [("adamw", "full", {}), ("adamw", "factored", {"moments": "factored"}),
                 ("adamw", "efficient", {"moments": "efficient"}), ("adamw", "bf16", {"moments": "bf16"}),
                 ("adamw", "int8-factored", {"moments": "int8-factored"}),
-                ("adamw", "adafactor", {"moments": "adafactor"}), ("sgd", "sgd", {})]
+                ("adamw", "adafactor", {"moments": "adafactor"}),
+                ("adamw", "lowrank-factored", {"moments": "lowrank-factored"}), ("sgd", "sgd", {})]
     if device.type == "cuda" or args.fused_on_cpu:
         variants.append(("adamw", "full, fused", {"fused": True}))
     refs: dict[tuple[str, str], list] = {}
@@ -217,7 +218,7 @@ def step_syncs(args, device: torch.device) -> dict:
     variants = {"full": {}, "full, fused": {"fused": True}, "bf16": {"moments": "bf16"},
                 "factored": {"moments": "factored"}, "efficient": {"moments": "efficient"},
                 "int8-factored": {"moments": "int8-factored"}, "bf16-factored": {"moments": "bf16-factored"},
-                "adafactor": {"moments": "adafactor"}}
+                "adafactor": {"moments": "adafactor"}, "lowrank-factored": {"moments": "lowrank-factored"}}
     rows = []
     for name, kw in variants.items():
         row = {"variant": name}
@@ -244,7 +245,7 @@ def step_bench(args, device: torch.device) -> dict:
     from lorapro.cli import bench
 
     rows = ["lorapro", "lorapro-fused", "lorapro-int8-factored", "lorapro-bf16-factored", "lorapro-adafactor",
-            "adamw-lora", "adamw-full", "floor-traffic", "floor-products", "lora-pro-adamw"]
+            "lorapro-lowrank-factored", "adamw-lora", "adamw-full", "floor-traffic", "floor-products", "lora-pro-adamw"]
     if device.type != "cuda" and not args.fused_on_cpu:
         rows.remove("lorapro-fused")
     out: dict = {"status": "ok", "runs": []}
@@ -360,7 +361,7 @@ def step_memory(args, device: torch.device) -> dict:
     from lorapro.cli.memory import plan
 
     cfg_dict = TINY_LLAMA if args.smoke else SMOLLM2_135M
-    presets = ["full", "bf16", "factored", "int8-factored", "bf16-factored", "adafactor", "efficient"]
+    presets = ["full", "bf16", "factored", "int8-factored", "bf16-factored", "adafactor", "lowrank-factored", "efficient"]
     planned = plan(dict(cfg_dict), rank=8, dtype="bf16", task="causal-lm", presets=presets)
     by = {("lora" if r["method"] == "lora" else "full" if r["method"] == "full" else f"lorapro-{r['preset']}"): r
           for r in planned}
