@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from test_distributed import STEPS, _batch, _make, _reference
 
 
-CONFIGS = [("adamw", "full"), ("sgd", None), ("adamw", "efficient")]
+CONFIGS = [("adamw", "full"), ("sgd", None), ("adamw", "efficient"), ("adamw", "lowrank-factored")]
 WORLD = 3  # r = 2 < 3: the last rank holds empty shards of every A
 
 
