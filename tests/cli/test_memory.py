@@ -147,7 +147,7 @@ def test_per_rank_state_matches_a_real_sharded_step():
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY_LLAMA), dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
     ctx = multiprocessing.get_context("fork")
-    presets = ("full", "int8-factored", "efficient", "adafactor")
+    presets = ("full", "int8-factored", "efficient", "adafactor", "lowrank-factored")
     rows = _by_preset(MEM.plan(TINY_LLAMA, rank=4, world=2, dtype="fp32", presets=presets))
     for preset in presets:
         planned = rows["lorapro", preset]
@@ -171,7 +171,7 @@ def test_smollm2_matches_the_cli_model():
     from lorapro.cli.models import build_model, resolve_model
 
     path = resolve_model("smollm2-135m")
-    presets = ("full", "factored", "int8-factored", "adafactor", "efficient")
+    presets = ("full", "factored", "int8-factored", "adafactor", "lowrank-factored", "efficient")
     rows = MEM.plan("smollm2-135m", rank=8, dtype="fp32", presets=presets)
     by = _by_preset(rows)
     assert rows[0]["task"] == "causal-lm" and rows[0]["adapted_layers"] == 30 * 7

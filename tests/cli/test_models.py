@@ -398,8 +398,8 @@ def test_unknown_method_or_task_lists_the_valid_ones(bert_dir):
     assert registry.NAMES == (
         "full", "lora", "rslora", "lorapro", "lorapro-sgd", "lorapro-zero",
         "lorapro-bf16", "lorapro-factored", "lorapro-efficient", "lorapro-int8-factored", "lorapro-int8",
-        "lorapro-bf16-factored", "lorapro-adafactor", "loraplus", "lorafa", "riemannian", "loraga",
-        "lora-rite", "dora", "lorapro-dora", "pissa", "lorapro-pissa",
+        "lorapro-bf16-factored", "lorapro-adafactor", "lorapro-lowrank-factored", "loraplus", "lorafa", "riemannian",
+        "loraga", "lora-rite", "dora", "lorapro-dora", "pissa", "lorapro-pissa",
     )
     with pytest.raises(UserError, match="classification, causal-lm"):
         M.build_model(bert_dir, task="regression", num_labels=2, method="lora")
