@@ -317,22 +317,20 @@ def truncate_low_rank_product(
     (``left`` (..., m, k), ``right`` (..., k, n), ``P`` (..., m, j), ``K`` (..., j, n)), from (k + j)-sized
     products only.
 
-    With ``Lc = [beta left, (1 - beta) P]`` and ``Rc = [right; K]``, the Gram matrices ``Lc^T Lc = Q_L Λ_L Q_L^T``
-    and ``Rc Rc^T = Q_R Λ_R Q_R^T`` give ``Lc Rc = U_L C V_R^T`` with orthonormal ``U_L = Lc Q_L Λ_L^{-1/2}``,
-    ``V_R^T = Λ_R^{-1/2} Q_R^T Rc`` and the small core ``C = Λ_L^{1/2} Q_L^T Q_R Λ_R^{1/2}``; with ``C = U S V^T``
-    the top k singular triplets are ``left = Lc Q_L Λ_L^{-1/2} U_k S_k`` and ``right = V_k^T Λ_R^{-1/2} Q_R^T Rc``.
-    Eigenvalues that count as zero (:func:`eigh_psd`) are dropped, so a zero ``left`` (the first step) is exact.
+    With ``Lc = [beta left, (1 - beta) P]`` and ``Rc = [right; K]``: ``Rc Rc^T = Q Λ Q^T`` gives ``Rc = Q Λ^{1/2}
+    W^T`` with orthonormal rows ``W^T = Λ^{-1/2} Q^T Rc``, so ``Lc Rc = C W^T`` with ``C = Lc Q Λ^{1/2}`` and its
+    best rank-k approximation is ``(C V_k)(V_k^T W^T)``, ``V_k`` the top k eigenvectors of ``C^T C = Λ^{1/2} Q^T
+    (Lc^T Lc) Q Λ^{1/2}``. Two (k + j)-sized eigendecompositions; eigenvalues of ``Rc Rc^T`` that count as zero
+    (:func:`eigh_psd`) are dropped, so a zero ``right`` (the first step) is exact.
     """
     Lc = torch.cat([left * beta, P * (1.0 - beta)], dim=-1)
     Rc = torch.cat([right, K], dim=-2)
-    eL, eR = eigh_psd(Lc.mT @ Lc, rcond), eigh_psd(Rc @ Rc.mT, rcond)
-    sL, sR = eL.eigvals.sqrt(), eR.eigvals.sqrt()
-    U, S, Vh = torch.linalg.svd((sL[..., :, None] * (eL.Q.mT @ eR.Q)) * sR[..., None, :])
-    k = left.shape[-1]
-    TL = (eL.Q * eL.inv_eigvals.sqrt()[..., None, :]) @ (U[..., :k] * S[..., None, :k])
-    TR = (Vh[..., :k, :] * eR.inv_eigvals.sqrt()[..., None, :]) @ eR.Q.mT
-    left.copy_(Lc @ TL)
-    right.copy_(TR @ Rc)
+    eR = eigh_psd(Rc @ Rc.mT, rcond)
+    QS = eR.Q * eR.eigvals.sqrt()[..., None, :]  # Q Λ^{1/2}
+    _, V = torch.linalg.eigh(QS.mT @ (Lc.mT @ Lc) @ QS)  # ascending: the top k are the last k
+    Vk = V[..., -left.shape[-1] :]
+    left.copy_(Lc @ (QS @ Vk))
+    right.copy_((Vk.mT * eR.inv_eigvals.sqrt()[..., None, :]) @ eR.Q.mT @ Rc)
 
 
 def _add_product(C: Tensor, X: Tensor, Y: Tensor, alpha: float = 1.0) -> Tensor:
