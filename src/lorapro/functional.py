@@ -320,15 +320,18 @@ def truncate_low_rank_product(
     With ``Lc = [beta left, (1 - beta) P]`` and ``Rc = [right; K]``: ``Rc Rc^T = Q Λ Q^T`` gives ``Rc = Q Λ^{1/2}
     W^T`` with orthonormal rows ``W^T = Λ^{-1/2} Q^T Rc``, so ``Lc Rc = C W^T`` with ``C = Lc Q Λ^{1/2}`` and its
     best rank-k approximation is ``(C V_k)(V_k^T W^T)``, ``V_k`` the top k eigenvectors of ``C^T C = Λ^{1/2} Q^T
-    (Lc^T Lc) Q Λ^{1/2}``. Two (k + j)-sized eigendecompositions; eigenvalues of ``Rc Rc^T`` that count as zero
-    (:func:`eigh_psd`) are dropped, so a zero ``right`` (the first step) is exact.
+    (Lc^T Lc) Q Λ^{1/2}``. Two (k + j)-sized eigendecompositions; eigenvalues of either that count as zero
+    (:func:`eigh_psd`) are dropped, so a zero ``right`` (the first step) is exact and a product of rank below k
+    keeps zero columns rather than round-off.
     """
     Lc = torch.cat([left * beta, P * (1.0 - beta)], dim=-1)
     Rc = torch.cat([right, K], dim=-2)
     eR = eigh_psd(Rc @ Rc.mT, rcond)
     QS = eR.Q * eR.eigvals.sqrt()[..., None, :]  # Q Λ^{1/2}
-    _, V = torch.linalg.eigh(QS.mT @ (Lc.mT @ Lc) @ QS)  # ascending: the top k are the last k
-    Vk = V[..., -left.shape[-1] :]
+    core = eigh_psd(QS.mT @ (Lc.mT @ Lc) @ QS, rcond)  # ascending: the top k are the last k
+    # directions whose singular value counts as zero are dropped from both factors, so round-off never becomes a
+    # unit-norm row of ``right``
+    Vk = (core.Q * (core.eigvals > 0)[..., None, :])[..., -left.shape[-1] :]
     left.copy_(Lc @ (QS @ Vk))
     right.copy_((Vk.mT * eR.inv_eigvals.sqrt()[..., None, :]) @ eR.Q.mT @ Rc)
 
