@@ -5,9 +5,9 @@ recorded, with its traceback / output tail, and the next one runs):
 
 1. ``device_tests``: LoRAProAdamW (moments full, bf16, factored, int8-factored, adafactor, lowrank-factored,
    efficient, and ``fused=True`` for full) and LoRAProSGD on the device against the float64 reference
-   ``tests/reference.py`` (run on the CPU: its factored state is CPU-only), in float64 and float32; the same optimizer on the device
-   against the CPU; bf16 parameters stay finite and bf16; state_dict save/load resumes bit for bit on the
-   device. (No test in tests/ is parametrized by device, so this subset is run here instead.)
+   ``tests/reference.py`` (run on the CPU: its factored state is CPU-only), in float64 and float32; the same
+   optimizer on the device against the CPU; bf16 parameters stay finite and bf16; state_dict save/load resumes
+   bit for bit on the device. (No test in tests/ is parametrized by device, so this subset is run here instead.)
 2. ``syncs``: host-device synchronisations in one step per moment mode (``benchmarks/gpu_sync.count_syncs``);
    target: none but the documented non-finite check (one).
 3. ``bench``: ``lorapro bench`` at Llama-2-7B layer shapes (``GPU_SHAPES``) in bf16, r = 8 and 16.
@@ -361,7 +361,8 @@ def step_memory(args, device: torch.device) -> dict:
     from lorapro.cli.memory import plan
 
     cfg_dict = TINY_LLAMA if args.smoke else SMOLLM2_135M
-    presets = ["full", "bf16", "factored", "int8-factored", "bf16-factored", "adafactor", "lowrank-factored", "efficient"]
+    presets = ["full", "bf16", "factored", "int8-factored", "bf16-factored", "adafactor", "lowrank-factored",
+               "efficient"]
     planned = plan(dict(cfg_dict), rank=8, dtype="bf16", task="causal-lm", presets=presets)
     by = {("lora" if r["method"] == "lora" else "full" if r["method"] == "full" else f"lorapro-{r['preset']}"): r
           for r in planned}

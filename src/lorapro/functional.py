@@ -279,7 +279,9 @@ def adafactor_on_equivalent_gradient(
     Ka = K @ a.mT
     KKt = torch.cat([torch.cat([Ka[..., :r, :], Ka[..., r:, :].mT], -1), torch.cat([Ka[..., r:, :], AAt], -1)], -2)
     Pb = P.mT @ lb[..., r : 2 * r]
-    PtP = torch.cat([torch.cat([BtB * (s * s), Pb[..., :r, :]], -1), torch.cat([Pb[..., :r, :].mT, Pb[..., r:, :]], -1)], -2)
+    PtP = torch.cat(
+        [torch.cat([BtB * (s * s), Pb[..., :r, :]], -1), torch.cat([Pb[..., :r, :].mT, Pb[..., r:, :]], -1)], -2
+    )
     row_sq = (P @ KKt).mul_(P).sum(-1)
     col_sq = (PtP @ K).mul_(K).sum(-2)
     row.mul_(beta2).add_(row_sq.div_(n).add_(eps1), alpha=1.0 - beta2)

@@ -651,7 +651,8 @@ class Adafactor(MomentStorage):
     def init_state(
         self, m: int, n: int, dtype: torch.dtype, device: torch.device, *, rank: int = 0
     ) -> dict[str, Tensor]:
-        return {k: torch.zeros(shape, dtype=dtype, device=device) for k, shape in self.state_shapes(m, n, rank=rank).items()}
+        shapes = self.state_shapes(m, n, rank=rank)
+        return {key: torch.zeros(shape, dtype=dtype, device=device) for key, shape in shapes.items()}
 
     def step_separable(
         self, A: Tensor, B: Tensor, gA: Tensor, gB: Tensor, scale: Tensor, states: Sequence[dict[str, Tensor]],

@@ -331,7 +331,10 @@ class LoRAProAdamW(_LoRAProOptimizer):
         params: as for :class:`LoRAProSGD`.
         lr, betas, eps, weight_decay: as for :class:`torch.optim.AdamW` (weight decay is decoupled).
         x_mode: ``"sylvester"`` (default) or ``"zero"`` for step 4.
-        moments: ``"full"`` (default), ``"bf16"``, ``"factored"`` or ``"efficient"`` (above).
+        moments: ``"full"`` (default), ``"bf16"``, ``"factored"`` or ``"efficient"`` (above), or a lean preset of
+            :data:`lorapro.moments.STORAGES`: ``"int8-factored"``, ``"int8"``, ``"bf16-factored"``, ``"adafactor"``
+            (no first moment) and ``"lowrank-factored"`` (first moment at rank 2r; both step without any m x n
+            tensor), or ``"<first>-<second>"`` (:func:`lorapro.moments.storage`).
         fused: for ``"full"`` moments, run each block's elementwise Adam arithmetic as one loop compiled by
             :func:`torch.compile` (C++ on CPU, Triton on GPU) instead of six PyTorch passes; the same
             arithmetic, up to float rounding. The first step pays the compilation (seconds

@@ -160,7 +160,8 @@ def candidates(
 
     if "lorapro" in which:
         out["lorapro"] = ours()
-    for moments in ("bf16", "factored", "efficient", "int8-factored", "int8", "bf16-factored", "adafactor", "lowrank-factored"):
+    lean = ("int8-factored", "int8", "bf16-factored", "adafactor", "lowrank-factored")
+    for moments in ("bf16", "factored", "efficient", *lean):
         if f"lorapro-{moments}" in which:
             out[f"lorapro-{moments}"] = ours(moments=moments)
     if "lorapro-fused" in which:  # the first (warm-up) step compiles the fused pass
