@@ -122,10 +122,11 @@ def load_tuned(name: str, *, smoke: bool) -> list[dict]:
     if not runs:
         return runs
     have = {r["method"] for r in runs}
-    swept = {r["method"] for r in load(name, "sweep", smoke=smoke)} - set(OWN_LRS)
+    swept = {r["method"] for r in load(name, "sweep", smoke=smoke)} - set(OWN_LRS) - have
+    best = {m: best_lr(name, m, smoke) for m in swept}  # each reads the sweep directory: once per method
     for r in load(name, "final", smoke=smoke):
         m = r["method"]
-        if m not in have and m in swept and r["config"]["lr"] == best_lr(name, m, smoke):
+        if m in best and r["config"]["lr"] == best[m]:
             runs.append(r)
     return runs
 

@@ -268,7 +268,9 @@ def adafactor_on_equivalent_gradient(
     BtB, AAt = B.mT @ B, A @ A.mT
     f = LoRAFactors(eigh_psd(BtB, rcond), eigh_psd(AAt, rcond))
     Bp, Ap = f.BtB.pinv(), f.AAt.pinv()
-    # step 1 with X = 0: a = (B^T B)^+ gA / s^2, b = (gB - B (B^T B)^+ B^T gB) (A A^T)^+ / s^2
+    # step 1 with X = 0: adjusted_lora_gradients(x_mode="zero") through the pseudo-inverses that step 5 needs too
+    # (one product with gA instead of solve's two): a = (B^T B)^+ gA / s^2,
+    # b = (gB - B (B^T B)^+ B^T gB) (A A^T)^+ / s^2
     Ap_s2 = Ap / (s * s)
     a = (Bp / (s * s)) @ gA
     b = torch.baddbmm(gB @ Ap_s2, B, Bp @ (B.mT @ gB) @ Ap_s2, alpha=-1.0)
@@ -336,15 +338,6 @@ def truncate_low_rank_product(
     Vk = (core.Q * (core.eigvals > 0)[..., None, :])[..., -left.shape[-1] :]
     left.copy_(Lc @ (QS @ Vk))
     right.copy_((Vk.mT * eR.inv_eigvals.sqrt()[..., None, :]) @ eR.Q.mT @ Rc)
-
-
-def _add_product(C: Tensor, X: Tensor, Y: Tensor, alpha: float = 1.0) -> Tensor:
-    """``C + alpha X @ Y`` in one pass over ``C`` where a fused kernel exists (one or three dimensions)."""
-    if C.dim() == 3 and X.dim() == 3 and Y.dim() == 3:
-        return torch.baddbmm(C, X, Y, alpha=alpha)
-    if C.dim() == 2 and X.dim() == 2 and Y.dim() == 2:
-        return torch.addmm(C, X, Y, alpha=alpha)
-    return C + alpha * (X @ Y)
 
 
 @functools.lru_cache(maxsize=256)
