@@ -6,6 +6,7 @@ import argparse
 import json
 
 import pytest
+import torch
 
 from lorapro.cli import bench
 from lorapro.cli import main
@@ -56,3 +57,31 @@ def test_bench_fused_row():
     rows = {r["name"]: r for r in bench.run(args)}
     assert rows["lorapro-fused"]["median_ms"] > 0
     assert rows["lorapro-fused"]["state_bytes_per_element"] == rows["lorapro"]["state_bytes_per_element"]
+
+
+def test_separable_floor_is_exactly_the_adafactor_steps_products():
+    """``floor-separable`` times the adafactor step's matrix products and nothing else: torch's flop counter
+    finds the same multiply-adds in both, up to the r-sized algebra, whose count does not grow with m and n."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    rest = set()
+    for m, n in ((96, 64), (192, 160)):
+        layers = bench.Layers([(m, n)] * 3, 4, torch.float32, torch.device("cpu"))
+        steps = bench.candidates(layers, ["lorapro-adafactor", "floor-separable"])
+        flops = {}
+        for name, step in steps.items():
+            step()  # the first step makes the optimizer state
+            with FlopCounterMode(display=False) as counter:
+                step()
+            flops[name] = counter.get_total_flops()
+        assert flops["floor-separable"] == 2 * 3 * 4**2 * (19 * m + 17 * n)  # 36 (m + n) r^2 / 2 per layer
+        rest.add(flops["lorapro-adafactor"] - flops["floor-separable"])
+    assert len(rest) == 1 and 0 < rest.pop() < 2 * 3 * 32 * 4**3  # the r-sized products only (17 r^3 per layer)
+
+
+def test_bench_reports_the_separable_ratios(capsys):
+    only = "lorapro-adafactor,adamw-lora,floor-separable"
+    assert main(["bench", *TINY, "--device", "cpu", "--only", only]) == 0
+    text = capsys.readouterr().out
+    assert "lorapro-adafactor / AdamW on the factors" in text
+    assert "lorapro-adafactor / floor-separable" in text

@@ -28,17 +28,35 @@ class PairBatch(NamedTuple):
     scale: Tensor  # (L,)
 
 
-def stack_pairs(pairs: Sequence[LoRAPair]) -> PairBatch:
-    """The factors and gradients of ``pairs`` (one shape) as stacked matrices; a missing gradient is zero."""
+def stacked_numel(pairs: Sequence[LoRAPair]) -> int:
+    """Elements of the four stacks :func:`stack_pairs` makes of ``pairs`` (one shape)."""
+    (m, n), r = pairs[0].shape, pairs[0].rank
+    return 2 * len(pairs) * r * (m + n)
+
+
+def stack_pairs(pairs: Sequence[LoRAPair], out: Tensor | None = None) -> PairBatch:
+    """The factors and gradients of ``pairs`` (one shape) as stacked matrices (copies, which the step may
+    overwrite); a missing gradient is zero. ``out``: a flat buffer of :func:`stacked_numel` elements in the
+    compute dtype to stack into, used when the parameters are in that dtype."""
     ct = compute_dtype(pairs[0].A.dtype)
+    (m, n), r, L = pairs[0].shape, pairs[0].rank, len(pairs)
+    if out is not None and pairs[0].A.dtype != ct:
+        out = None
+    sizes, shapes = [L * r * n, L * m * r] * 2, [(L, r, n), (L, m, r)] * 2
+    outs = list(out.split(sizes)) if out is not None else [None] * 4
 
     def grad_or_zeros(t: Tensor) -> Tensor:
         return t.grad if t.grad is not None else torch.zeros_like(t)
 
-    A = torch.stack([p.A_matrix() for p in pairs]).to(ct)
-    B = torch.stack([p.B_matrix() for p in pairs]).to(ct)
-    gA = torch.stack([p.A_matrix(grad_or_zeros(p.A)) for p in pairs]).to(ct)
-    gB = torch.stack([p.B_matrix(grad_or_zeros(p.B)) for p in pairs]).to(ct)
+    def stack(tensors: list[Tensor], i: int) -> Tensor:
+        if outs[i] is None:
+            return torch.stack(tensors).to(ct)
+        return torch.stack(tensors, out=outs[i].view(shapes[i]))
+
+    A = stack([p.A_matrix() for p in pairs], 0)
+    B = stack([p.B_matrix() for p in pairs], 1)
+    gA = stack([p.A_matrix(grad_or_zeros(p.A)) for p in pairs], 2)
+    gB = stack([p.B_matrix(grad_or_zeros(p.B)) for p in pairs], 3)
     return PairBatch(A, B, gA, gB, scale_vector(tuple(p.scale for p in pairs), ct, A.device))
 
 
@@ -61,8 +79,8 @@ def bucket_pairs(pairs: Iterable[LoRAPair]) -> list[list[LoRAPair]]:
 def apply_update(pairs: Sequence[LoRAPair], batch: PairBatch, a: Tensor, b: Tensor, lr: float, wd: float) -> None:
     """``A <- A (1 - lr wd) - lr a`` and likewise for ``B``, computed in the compute dtype, rounded once."""
     decay = 1.0 - lr * wd
-    new_A = batch.A.mul(decay).sub_(a, alpha=lr)
-    new_B = batch.B.mul(decay).sub_(b, alpha=lr)
+    new_A = batch.A.mul_(decay).sub_(a, alpha=lr)  # in place: the stacks are the step's own copies
+    new_B = batch.B.mul_(decay).sub_(b, alpha=lr)
     # (the sources reshaped, not the parameters: a non-contiguous parameter's reshape could be a copy)
     torch._foreach_copy_([p.A for p in pairs], [x.reshape(p.A.shape) for x, p in zip(new_A.unbind(0), pairs)])
     torch._foreach_copy_([p.B for p in pairs], [x.reshape(p.B.shape) for x, p in zip(new_B.unbind(0), pairs)])

@@ -67,6 +67,7 @@ __all__ = [
     "equivalent_gradient",
     "lora_factors",
     "lora_gradients",
+    "separable_workspace_numel",
     "solve_sylvester_spd",
     "tangent_projection",
     "truncate_low_rank_product",
@@ -234,6 +235,7 @@ def adafactor_on_equivalent_gradient(
     beta1: float = 0.9,
     bias_correction1: float | Tensor = 1.0,
     rcond: float | None = None,
+    workspace: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""Algorithm 2's direction with Adafactor's factored second moment and no first moment or a low-rank one, for
     ``L`` layers of one shape, without any ``m x n`` tensor: O((m + n) r^2) work, O((m + n) r) memory per layer.
@@ -259,12 +261,17 @@ def adafactor_on_equivalent_gradient(
        ``-M' Z``).
 
     ``[Ls, B]`` and ``[Rs; A]`` are built once and scaled in place, so each of the products of step 5 is one
-    batched matrix product over the bucket.
+    batched matrix product over the bucket. The m- and n-sized temporaries are carved from ``workspace`` (a flat
+    tensor of at least :func:`separable_workspace_numel` elements in the compute dtype) when one is given: an
+    optimizer that keeps it between steps saves the page faults that fresh allocations of this size cost on a
+    CPU (glibc maps them anew and returns them when freed), about 40% of this function's time there.
     """
     if x_mode not in X_MODES:
         raise ValueError(f"x_mode must be one of {X_MODES}, got {x_mode!r}")
-    r, m, n = A.shape[-2], B.shape[-2], A.shape[-1]
+    L, r, m, n = A.shape[0], A.shape[-2], B.shape[-2], A.shape[-1]
     s = scale.reshape(-1, 1, 1)
+    k_m = 0 if momentum is None else momentum[0].shape[-1]
+    ws = _Carver(workspace if workspace is not None else A.new_empty(separable_workspace_numel(L, m, n, r, k_m)))
     BtB, AAt = B.mT @ B, A @ A.mT
     f = LoRAFactors(eigh_psd(BtB, rcond), eigh_psd(AAt, rcond))
     Bp, Ap = f.BtB.pinv(), f.AAt.pinv()
@@ -272,10 +279,12 @@ def adafactor_on_equivalent_gradient(
     # (one product with gA instead of solve's two): a = (B^T B)^+ gA / s^2,
     # b = (gB - B (B^T B)^+ B^T gB) (A A^T)^+ / s^2
     Ap_s2 = Ap / (s * s)
-    a = (Bp / (s * s)) @ gA
-    b = torch.baddbmm(gB @ Ap_s2, B, Bp @ (B.mT @ gB) @ Ap_s2, alpha=-1.0)
-    lb = torch.cat([B * s, b * s, B], dim=-1)  # [P, B]
-    rb = torch.cat([a, A, A], dim=-2)  # [K; A]
+    a = torch.bmm(Bp / (s * s), gA, out=ws.take(L, r, n))
+    b = torch.bmm(gB, Ap_s2, out=ws.take(L, m, r))
+    torch.baddbmm(b, B, Bp @ (B.mT @ gB) @ Ap_s2, alpha=-1.0, out=b)
+    lb = torch.cat([B, b, B], dim=-1, out=ws.take(L, m, 3 * r))  # [P, B] once P = s [B, b] below
+    lb[..., : 2 * r].mul_(s)
+    rb = torch.cat([a, A, A], dim=-2, out=ws.take(L, 3 * r, n))  # [K; A]
     P, K = lb[..., : 2 * r], rb[..., : 2 * r, :]
     # K K^T = [[a a^T, a A^T], [A a^T, A A^T]] and P^T P = [[s^2 B^T B, s^2 B^T b], [., s^2 b^T b]]
     Ka = K @ a.mT
@@ -284,16 +293,23 @@ def adafactor_on_equivalent_gradient(
     PtP = torch.cat(
         [torch.cat([BtB * (s * s), Pb[..., :r, :]], -1), torch.cat([Pb[..., :r, :].mT, Pb[..., r:, :]], -1)], -2
     )
-    row_sq = (P @ KKt).mul_(P).sum(-1)
-    col_sq = (PtP @ K).mul_(K).sum(-2)
+    row_sq = torch.bmm(P, KKt, out=ws.take(L, m, 2 * r)).mul_(P).sum(-1)
+    col_sq = torch.bmm(PtP, K, out=ws.take(L, 2 * r, n)).mul_(K).sum(-2)
     row.mul_(beta2).add_(row_sq.div_(n).add_(eps1), alpha=1.0 - beta2)
     col.mul_(beta2).add_(col_sq.div_(m).add_(eps1), alpha=1.0 - beta2)
     c = (bias_correction2 * row.mean(-1)).sqrt()
     if momentum is not None:  # [Ls, B] and [Rs; A] from the new first moment instead of G's factors
         left, right = momentum
-        truncate_low_rank_product(left, right, P, K, beta1, rcond)
-        lb = torch.cat([left, B], dim=-1)
-        rb = torch.cat([right, A], dim=-2)
+        k = left.shape[-1]
+        truncate_low_rank_product(
+            left, right, P, K, beta1, rcond, workspace=(ws.take(L, m, k + 2 * r), ws.take(L, k + 2 * r, n))
+        )
+        if k == 2 * r:  # in place of P and K, which are not needed any more
+            lb[..., :k].copy_(left)
+            rb[:, :k].copy_(right)
+        else:
+            lb = torch.cat([left, B], dim=-1)
+            rb = torch.cat([right, A], dim=-2)
         c = c / bias_correction1
     k = lb.shape[-1] - r
     Ls, Rs = lb[..., :k], rb[..., :k, :]
@@ -314,8 +330,29 @@ def adafactor_on_equivalent_gradient(
     return M @ Rs, torch.baddbmm(Ls @ N, B, BN, alpha=-1.0)
 
 
+def separable_workspace_numel(layers: int, m: int, n: int, r: int, momentum_rank: int = 0) -> int:
+    """Elements of the scratch buffer :func:`adafactor_on_equivalent_gradient` carves its m- and n-sized
+    temporaries from: ``6 r (m + n)`` per layer, and ``(k + 2r)(m + n)`` more with a rank-k first moment."""
+    extra = momentum_rank + 2 * r if momentum_rank else 0
+    return layers * (6 * r + extra) * (m + n)
+
+
+class _Carver:
+    """Consecutive contiguous views of a flat buffer."""
+
+    def __init__(self, buffer: Tensor) -> None:
+        self.buffer, self.used = buffer, 0
+
+    def take(self, *shape: int) -> Tensor:
+        size = math.prod(shape)
+        view = self.buffer[self.used : self.used + size].view(shape)
+        self.used += size
+        return view
+
+
 def truncate_low_rank_product(
-    left: Tensor, right: Tensor, P: Tensor, K: Tensor, beta: float, rcond: float | None = None
+    left: Tensor, right: Tensor, P: Tensor, K: Tensor, beta: float, rcond: float | None = None,
+    workspace: tuple[Tensor, Tensor] | None = None,
 ) -> None:
     r"""``left @ right <- `` the best rank-k approximation of ``beta left @ right + (1 - beta) P @ K``, in place
     (``left`` (..., m, k), ``right`` (..., k, n), ``P`` (..., m, j), ``K`` (..., j, n)), from (k + j)-sized
@@ -326,18 +363,23 @@ def truncate_low_rank_product(
     best rank-k approximation is ``(C V_k)(V_k^T W^T)``, ``V_k`` the top k eigenvectors of ``C^T C = Λ^{1/2} Q^T
     (Lc^T Lc) Q Λ^{1/2}``. Two (k + j)-sized eigendecompositions; eigenvalues of either that count as zero
     (:func:`eigh_psd`) are dropped, so a zero ``right`` (the first step) is exact and a product of rank below k
-    keeps zero columns rather than round-off.
+    keeps zero columns rather than round-off. ``workspace``: contiguous tensors of the shapes of ``Lc`` and
+    ``Rc`` to build them in.
     """
-    Lc = torch.cat([left * beta, P * (1.0 - beta)], dim=-1)
-    Rc = torch.cat([right, K], dim=-2)
+    k = left.shape[-1]
+    Lc = torch.cat([left, P], dim=-1, out=None if workspace is None else workspace[0])
+    Lc[..., :k].mul_(beta)
+    Lc[..., k:].mul_(1.0 - beta)
+    Rc = torch.cat([right, K], dim=-2, out=None if workspace is None else workspace[1])
     eR = eigh_psd(Rc @ Rc.mT, rcond)
     QS = eR.Q * eR.eigvals.sqrt()[..., None, :]  # Q Λ^{1/2}
     core = eigh_psd(QS.mT @ (Lc.mT @ Lc) @ QS, rcond)  # ascending: the top k are the last k
     # directions whose singular value counts as zero are dropped from both factors, so round-off never becomes a
     # unit-norm row of ``right``
-    Vk = (core.Q * (core.eigvals > 0)[..., None, :])[..., -left.shape[-1] :]
-    left.copy_(Lc @ (QS @ Vk))
-    right.copy_((Vk.mT * eR.inv_eigvals.sqrt()[..., None, :]) @ eR.Q.mT @ Rc)
+    Vk = (core.Q * (core.eigvals > 0)[..., None, :])[..., -k:]
+    # written straight into the factors: Lc and Rc hold what the products need of them
+    torch.matmul(Lc, QS @ Vk, out=left)
+    torch.matmul((Vk.mT * eR.inv_eigvals.sqrt()[..., None, :]) @ eR.Q.mT, Rc, out=right)
 
 
 @functools.lru_cache(maxsize=256)
@@ -363,6 +405,7 @@ def adam_on_equivalent_gradient(
     fused: bool = False,
     block_elements: int | None = None,
     factors: LoRAFactors | None = None,
+    workspace: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""Algorithm 2's direction for ``L`` layers of one shape: Adam on the equivalent gradient, projected back.
 
@@ -380,6 +423,8 @@ def adam_on_equivalent_gradient(
     whole: ``G`` and ``U`` exist a block of rows at a time (``block_elements`` elements; default
     :func:`lorapro.moments.default_cpu_block_elements` on CPU, half an ``m x n`` matrix elsewhere), and
     ``fused=True`` runs each block's elementwise arithmetic as one compiled loop (storages with ``fusable``).
+    Separable storages (no m x n tensor) take their scratch from ``workspace`` when given
+    (:func:`adafactor_on_equivalent_gradient`).
     """
     from .moments import block_rows, layers_per_chunk
 
@@ -390,7 +435,8 @@ def adam_on_equivalent_gradient(
         bc2 = 1.0 - beta2 ** steps[0] if one_step else A.new_tensor([1.0 - beta2**t for t in steps])
         bc1 = 1.0 - beta1 ** steps[0] if one_step else A.new_tensor([1.0 - beta1**t for t in steps])
         return storage.step_separable(
-            A, B, gA, gB, scale, states, bc2, beta2=beta2, x_mode=x_mode, beta1=beta1, bias_correction1=bc1
+            A, B, gA, gB, scale, states, bc2, beta2=beta2, x_mode=x_mode, beta1=beta1, bias_correction1=bc1,
+            workspace=workspace,
         )
     factors = lora_factors(A, B) if factors is None else factors
     a, b = adjusted_lora_gradients(A, B, gA, gB, scale, x_mode="zero", factors=factors)

@@ -190,9 +190,10 @@ class MomentStorage:
     def step_separable(
         self, A: Tensor, B: Tensor, gA: Tensor, gB: Tensor, scale: Tensor, states: Sequence[dict[str, Tensor]],
         bias_correction2: float | Tensor, *, beta2: float, x_mode: str, beta1: float = 0.0,
-        bias_correction1: float | Tensor = 1.0,
+        bias_correction1: float | Tensor = 1.0, workspace: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """The whole direction of a bucket from r-sized products (storages with ``separable``)."""
+        """The whole direction of a bucket from r-sized products (storages with ``separable``), its m- and
+        n-sized temporaries carved from ``workspace`` when given."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -657,10 +658,10 @@ class Adafactor(MomentStorage):
     def step_separable(
         self, A: Tensor, B: Tensor, gA: Tensor, gB: Tensor, scale: Tensor, states: Sequence[dict[str, Tensor]],
         bias_correction2: float | Tensor, *, beta2: float, x_mode: str, beta1: float = 0.0,
-        bias_correction1: float | Tensor = 1.0,
+        bias_correction1: float | Tensor = 1.0, workspace: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """:func:`lorapro.functional.adafactor_on_equivalent_gradient` for a bucket, its statistics (and
-        low-rank first moment) read from and written back to ``states``."""
+        low-rank first moment) read from and written back to ``states``; ``workspace`` its scratch."""
         from .functional import adafactor_on_equivalent_gradient
 
         keys = list(self.state_shapes(1, 1, rank=1))
@@ -669,7 +670,7 @@ class Adafactor(MomentStorage):
         out = adafactor_on_equivalent_gradient(
             A, B, gA, gB, scale, stacked["exp_avg_sq_row"], stacked["exp_avg_sq_col"], bias_correction2,
             beta2=beta2, eps1=self.eps1, clip=self.clip, x_mode=x_mode,  # type: ignore[arg-type]
-            momentum=momentum, beta1=beta1, bias_correction1=bias_correction1,
+            momentum=momentum, beta1=beta1, bias_correction1=bias_correction1, workspace=workspace,
         )
         for key in keys:
             torch._foreach_copy_([s[key] for s in states], list(stacked[key].unbind(0)))

@@ -22,10 +22,12 @@ from torch import Tensor
 from torch.optim.adam import adam as _functional_adam
 from torch.optim.optimizer import Optimizer, _get_scalar_dtype
 
-from ._buckets import apply_update, bucket_pairs, stack_pairs
+from ._buckets import apply_update, bucket_pairs, stack_pairs, stacked_numel
 from ._dtensor import is_dtensor
 from ._params import ParamsLike, describe, resolve_params
-from .functional import X_MODES, adam_on_equivalent_gradient, adjusted_lora_gradients, compute_dtype
+from .functional import (
+    X_MODES, adam_on_equivalent_gradient, adjusted_lora_gradients, compute_dtype, separable_workspace_numel,
+)
 from .moments import storage as moment_storage
 from .pairs import LoRAPair
 from .sharding import Sharding
@@ -368,6 +370,9 @@ class LoRAProAdamW(_LoRAProOptimizer):
         if block_elements is not None and (not isinstance(block_elements, int) or block_elements < 1):
             raise ValueError(f"Invalid block_elements: {block_elements!r} (expected a positive int or None)")
         self._block_elements = block_elements
+        # The separable presets' scratch, kept between steps (one per dtype and device, grown to the largest
+        # bucket): allocated afresh each step, its pages fault in again every time on a CPU.
+        self._scratch: dict[tuple[torch.dtype, torch.device], Tensor] = {}
         defaults = {
             "lr": lr, "betas": tuple(betas) if isinstance(betas, (tuple, list)) else betas, "eps": eps,
             "weight_decay": weight_decay, "x_mode": x_mode, "moments": moments, "fused": fused,
@@ -405,11 +410,18 @@ class LoRAProAdamW(_LoRAProOptimizer):
         return moment_storage(moments).state_shapes(*pair.shape, rank=pair.rank)
 
     def _step_pairs(self, group: dict[str, Any], pairs: list[LoRAPair]) -> None:
-        batch = stack_pairs(pairs)
         if group["moments"] == "efficient":
-            self._step_projected_adamw(group, pairs, batch)
+            self._step_projected_adamw(group, pairs, stack_pairs(pairs))
             return
         storage = moment_storage(group["moments"])
+        workspace = stacks = None
+        if storage.separable:  # the stacks and the step's temporaries in the kept scratch
+            L, r, (m, n) = len(pairs), pairs[0].rank, pairs[0].shape
+            numel = separable_workspace_numel(L, m, n, r, getattr(storage, "momentum_rank", 0) * r)
+            stacked = stacked_numel(pairs)
+            scratch = self._scratch_buffer(numel + stacked, compute_dtype(pairs[0].A.dtype), pairs[0].A.device)
+            workspace, stacks = scratch[:numel], scratch[numel : numel + stacked]
+        batch = stack_pairs(pairs, out=stacks)
         states = []
         for pair in pairs:
             state = self.state[self._sharding.state_key(pair.B)]
@@ -423,9 +435,15 @@ class LoRAProAdamW(_LoRAProOptimizer):
             [float(state["step"]) for state in states],  # CPU tensors: no device wait
             storage=storage, betas=group["betas"], eps=group["eps"], x_mode=group["x_mode"],
             fused=group.get("fused", False),  # absent from state dicts saved without it
-            block_elements=self._block_elements,
+            block_elements=self._block_elements, workspace=workspace,
         )
         apply_update(pairs, batch, a, b, group["lr"], group["weight_decay"])
+
+    def _scratch_buffer(self, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        buffer = self._scratch.get((dtype, device))
+        if buffer is None or buffer.numel() < numel:
+            self._scratch[dtype, device] = buffer = torch.empty(numel, dtype=dtype, device=device)
+        return buffer
 
     def _step_projected_adamw(self, group: dict[str, Any], pairs: list[LoRAPair], batch: Any) -> None:
         """``moments="efficient"``: the closed form's ``(a, b)`` as the gradients of an ordinary AdamW."""

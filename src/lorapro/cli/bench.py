@@ -12,7 +12,10 @@ memory (allocations live at once during the step, beyond what existed before it)
 4. ``adamw-lora``: ``torch.optim.AdamW(foreach=True)`` on the LoRA factors only;
 5. ``adamw-full``: ``torch.optim.AdamW(foreach=True)`` on the full weights (full fine-tuning's step);
 6. the floor: ``floor-traffic`` (one read and write of both m x n moments) and ``floor-products`` (the
-   rank-r products the step cannot avoid: ``G = [B, b] [a; A]``, ``B^T U`` and ``U A^T``, about 8 m n r flops).
+   rank-r products the step cannot avoid: ``G = [B, b] [a; A]``, ``B^T U`` and ``U A^T``, about 8 m n r flops);
+   ``floor-separable``: the matrix products of the separable presets' step (``adafactor``), at their shapes and
+   batched as that step batches them (about 36 (m + n) r^2 / 2 multiply-adds per layer), and nothing else:
+   what that step would cost with its elementwise work, eigendecompositions and bookkeeping free.
 
 Rows that cannot run here (the peer not installed) are reported as skipped. Ratios are printed against our step, so a noisy machine still gives a fair comparison.
 """
@@ -28,6 +31,7 @@ from typing import Any
 
 import torch
 
+from .._state import optimizer_scratch_bytes as _scratch_bytes
 from .._state import optimizer_state_bytes as _state_bytes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -202,7 +206,54 @@ def candidates(
                     torch.mm(M[i], A32[i].T, out=gB[i])
 
             out["floor-products"] = products
+    if "floor-separable" in which:
+        out["floor-separable"] = _separable_products(layers)
     return out
+
+
+def _separable_products(layers: Layers) -> Callable[[], Any]:
+    """The batched matrix products of :func:`lorapro.functional.adafactor_on_equivalent_gradient` (no first
+    moment, Sylvester X), in the buckets the optimizer makes, on random operands of their shapes, into
+    preallocated outputs. ``tests/test_bench.py`` checks with torch's flop counter that they are exactly the
+    step's products."""
+    import lorapro
+    from .._buckets import bucket_pairs
+
+    ops: list[Callable[[], Any]] = []
+    pairs = lorapro.LoRAProAdamW(layers.pairs(), lr=0.0)._pairs
+    for bucket in bucket_pairs(pairs):
+        L, r, (m, n) = len(bucket), bucket[0].rank, bucket[0].shape
+        dev = layers.device
+
+        def t(*size: int) -> torch.Tensor:
+            return torch.randn(L, *size, device=dev)
+
+        B, A, lb, rb = t(m, r), t(r, n), t(m, 3 * r), t(3 * r, n)
+        small = {(k, j): t(k, j) for k, j in ((r, r), (2 * r, r), (2 * r, 2 * r), (2 * r, 3 * r), (3 * r, r), (r, 3 * r))}
+        out_m, out_n, out_m2 = t(m, r), t(r, n), t(m, 2 * r)
+        # (the left operand, the right, the output) of each product, in the order the step makes them
+        ops += [
+            lambda B=B, o=small[r, r]: torch.bmm(B.mT, B, out=o),  # B^T B
+            lambda A=A, o=small[r, r]: torch.bmm(A, A.mT, out=o),  # A A^T
+            lambda x=small[r, r], A=A, o=out_n: torch.bmm(x, A, out=o),  # a = (B^T B)^+ gA / s^2
+            lambda B=B, x=small[r, r], o=out_m: torch.bmm(B, x, out=o),  # gB (A A^T)^+
+            lambda B=B, o=small[r, r]: torch.bmm(B.mT, B, out=o),  # B^T gB
+            lambda B=B, x=small[r, r], o=out_m: torch.baddbmm(o, B, x, out=o),  # b
+            lambda rb=rb, A=A, o=small[2 * r, r]: torch.bmm(rb[:, : 2 * r], A.mT, out=o),  # K a^T
+            lambda lb=lb, B=B, o=small[2 * r, r]: torch.bmm(lb[..., : 2 * r].mT, B, out=o),  # P^T b
+            lambda lb=lb, x=small[2 * r, 2 * r], o=out_m2: torch.bmm(lb[..., : 2 * r], x, out=o),  # P K K^T
+            lambda x=small[2 * r, 2 * r], rb=rb, o=t(2 * r, n): torch.bmm(x, rb[:, : 2 * r], out=o),  # P^T P K
+            lambda lb=lb, o=small[2 * r, 3 * r]: torch.bmm(lb[..., : 2 * r].mT, lb, out=o),  # [Ls^T Ls, Ls^T B]
+            lambda rb=rb, o=small[2 * r, 3 * r]: torch.bmm(rb[:, : 2 * r], rb.mT, out=o),  # [Rs Rs^T, Rs A^T]
+            lambda x=small[r, 3 * r], rb=rb, o=out_n: torch.bmm(x, rb, out=o),  # a' = [M, X] [Rs; A]
+            lambda lb=lb, x=small[3 * r, r], o=out_m: torch.bmm(lb, x, out=o),  # b' = [Ls, B] [N; -(BN + X)]
+        ]
+
+    def products() -> None:
+        for op in ops:
+            op()
+
+    return products
 
 
 def _peer(layers: Layers, lr: float) -> Callable[[], Any] | str:
@@ -231,6 +282,7 @@ def _peer(layers: Layers, lr: float) -> Callable[[], Any] | str:
 
 
 ALL = ["lorapro", "paper-literal", "lora-pro-adamw", "adamw-lora", "adamw-full", "floor-traffic", "floor-products"]
+SEPARABLE_FLOOR = ["floor-separable"]  # the adafactor preset's products alone
 MEMORY_OPTIONS = [
     "lorapro-bf16", "lorapro-factored", "lorapro-efficient", "lorapro-int8-factored", "lorapro-int8",
     "lorapro-bf16-factored", "lorapro-adafactor",
@@ -259,7 +311,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         keep.append(layers)
         time_step(fn, device, args.warmup, 0)
         steps[name] = fn
-        rows[name] = {"name": name, "peak_extra_mib": peak_extra_bytes(fn, device) / 2**20, "times": [],
+        # the step's working memory: what it allocates while it runs, and the scratch it keeps between steps
+        extra = peak_extra_bytes(fn, device) + _scratch_bytes(getattr(fn, "__self__", None))
+        rows[name] = {"name": name, "peak_extra_mib": extra / 2**20, "times": [],
                       "state_bytes_per_element": _state_bytes(getattr(fn, "__self__", None)) / elements}
     for _ in range(args.rounds):
         for name, fn in steps.items():
@@ -305,6 +359,13 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     if ours and "adamw-full" in by:
         lines.append(f"lorapro / full fine-tuning AdamW step      = {ours['median_ms'] / by['adamw-full']['median_ms']:.2f}"
                      "   (target <= 0.5)")
+    if "lorapro-adafactor" in by and "adamw-lora" in by:
+        lean, lora = by["lorapro-adafactor"]["median_ms"], by["adamw-lora"]["median_ms"]
+        lines.append(f"lorapro-adafactor / AdamW on the factors   = {lean / lora:.2f}   (target <= 3)")
+        if "floor-separable" in by:
+            floor = by["floor-separable"]["median_ms"]
+            lines.append(f"floor-separable / AdamW on the factors     = {floor / lora:.2f}   (its products alone)")
+            lines.append(f"lorapro-adafactor / floor-separable        = {lean / floor:.2f}")
     if ours and "lora-pro-adamw" in by:
         lines.append(f"lora-pro-adamw / lorapro                   = {by['lora-pro-adamw']['median_ms'] / ours['median_ms']:.1f}"
                      "   (target >= 8)")
@@ -324,6 +385,6 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--rounds", type=int, default=5, help="round-robin passes over the candidates")
     p.add_argument("--literal-repeats", type=int, default=1, help="repeats per round for the slow literal baseline")
     p.add_argument("--only", type=lambda s: [x.strip() for x in s.split(",")], default=None,
-                   help=f"comma-separated, from {', '.join(ALL + MEMORY_OPTIONS + FUSED)} (default: the first seven)")
+                   help=f"comma-separated, from {', '.join(ALL + MEMORY_OPTIONS + FUSED + SEPARABLE_FLOOR)} (default: the first seven)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     return p
