@@ -245,7 +245,8 @@ def step_bench(args, device: torch.device) -> dict:
     from lorapro.cli import bench
 
     rows = ["lorapro", "lorapro-fused", "lorapro-int8-factored", "lorapro-bf16-factored", "lorapro-adafactor",
-            "lorapro-lowrank-factored", "adamw-lora", "adamw-full", "floor-traffic", "floor-products", "lora-pro-adamw"]
+            "lorapro-lowrank-factored", "adamw-lora", "floor-separable", "adamw-full", "floor-traffic", "floor-products",
+            "lora-pro-adamw"]
     if device.type != "cuda" and not args.fused_on_cpu:
         rows.remove("lorapro-fused")
     out: dict = {"status": "ok", "runs": []}

@@ -35,7 +35,7 @@ def test_gpu_check_smoke(tmp_path):
     assert {c["check"] for c in checks} == {"reference", "bf16 params finite, dtype kept", "state_dict resume bit-exact"}
     bench_rows = {r["name"]: r for run in results["steps"]["bench"]["runs"] for r in run["rows"]}
     for name in ("lorapro", "lorapro-int8-factored", "lorapro-bf16-factored", "lorapro-adafactor", "adamw-lora",
-                 "adamw-full", "floor-traffic", "floor-products"):
+                 "floor-separable", "adamw-full", "floor-traffic", "floor-products"):
         assert bench_rows[name]["median_ms"] > 0
     train = {r["method"]: r for r in results["steps"]["train_step"]["rows"]}
     assert train["lora"]["step_ms"] > 0 and train["lorapro"]["step_ms"] > 0
