@@ -73,6 +73,8 @@ def _worker(rank: int, world: int, init_file: str, ckpt: str, out: str, phase: s
             dcp.save({"model": get_model_state_dict(model), "optim": osd}, checkpoint_id=ckpt)
         else:
             torch.save({n: p.detach() for n, p in model.named_parameters()}, os.path.join(out, f"rank{rank}.pt"))
+        del ddp  # DDP's reducer released before the process group it holds (tests/test_rank_agreement.py)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

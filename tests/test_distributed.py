@@ -55,6 +55,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, kind: str) -> N
              "grads": grads},
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
+        del ddp  # DDP's reducer released before the process group it holds (tests/test_rank_agreement.py)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
