@@ -99,6 +99,21 @@ def test_minilm_classification_matches_the_cli_model(minilm):
     assert _step_once(full, None) == by["full", "adamw"]["optimizer"]  # fp32: torch's AdamW, fp32 moments
 
 
+def test_minilm_separable_scratch_matches_the_optimizer(minilm):
+    """The plan's ``transient`` for the separable presets is the scratch LoRAProAdamW keeps after a step."""
+    from lorapro._state import optimizer_scratch_bytes
+    from lorapro.cli.models import build_model
+
+    by = _by_preset(MEM.plan(minilm, rank=8, dtype="fp32", presets=("adafactor", "lowrank-factored")))
+    model, _, _ = build_model(minilm, task="classification", num_labels=2, method="lorapro", rank=8)
+    for preset in ("adafactor", "lowrank-factored"):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) if p.requires_grad else None
+        opt = LoRAProAdamW(model, lr=1e-3, moments=preset)
+        opt.step()
+        assert optimizer_scratch_bytes(opt) == by["lorapro", preset]["transient"] > 0, preset
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_tiny_llama_bf16_matches_plain_peft(tied):
     """A Llama config written here, bf16 weights, PEFT's own ``all-linear``: PEFT keeps the factors in float32,

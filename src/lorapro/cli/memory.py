@@ -282,6 +282,7 @@ def plan(
     task = _task(config, task)
     from peft import LoraConfig, get_peft_model
 
+    from .._buckets import bucket_pairs
     from ..functional import compute_dtype
     from ..moments import storage
     from ..pairs import find_lora_pairs
@@ -357,13 +358,26 @@ def plan(
             per_rank[owner[id(p.B)]] += cache[key]
             one += cache[key]
         # the step's largest transient: block workspace plus rank-sized stacks, within one m x n matrix in the
-        # compute dtype for the m x n presets (lorapro.moments, lorapro._buckets); O(r (m + n)) otherwise
-        separable = preset == "efficient" or storage(preset).separable
-        transient = 0 if separable or not pairs else max(
-            math.prod(p.shape) * compute_dtype(p.A.dtype).itemsize for p in pairs
-        )
+        # compute dtype for the m x n presets (lorapro.moments, lorapro._buckets); for the separable ones the
+        # scratch LoRAProAdamW keeps between steps, sized by its largest bucket; efficient: r-sized
+        if preset == "efficient" or not pairs:
+            transient = 0
+        elif storage(preset).separable:
+            transient = max(_separable_scratch_bytes(b, storage(preset)) for b in bucket_pairs(pairs))
+        else:
+            transient = max(math.prod(p.shape) * compute_dtype(p.A.dtype).itemsize for p in pairs)
         rows.append(row("lorapro", preset, "LoRA-Pro", weights, factors, grads, per_rank, one, world > 1, transient))
     return rows
+
+
+def _separable_scratch_bytes(bucket: list[Any], store: Any) -> int:
+    """Bytes of the scratch :class:`lorapro.LoRAProAdamW` keeps for one bucket of a separable preset."""
+    from .._buckets import stacked_numel
+    from ..functional import compute_dtype, separable_workspace_numel
+
+    (m, n), r = bucket[0].shape, bucket[0].rank
+    numel = separable_workspace_numel(len(bucket), m, n, r, store.momentum_rank * r) + stacked_numel(bucket)
+    return numel * compute_dtype(bucket[0].A.dtype).itemsize
 
 
 # ------------------------------------------------------------------------------------------------ the table
@@ -432,6 +446,8 @@ def format_table(rows: list[dict[str, Any]], gpu_gib: float | None = None, reser
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
 
+    from ..moments import storage
+
     pro = [r for r in rows if r["method"] == "lorapro"]
     notes = [
         (f"Activations are NOT modelled (they grow with batch size and sequence length, and shrink with gradient "
@@ -443,11 +459,16 @@ def format_table(rows: list[dict[str, Any]], gpu_gib: float | None = None, reser
          "(torch.optim.AdamW keeps them in the parameter's dtype); PEFT keeps LoRA factors of a bf16/fp16 model in "
          "float32."),
     ]
-    if any(r["transient"] for r in pro):
-        t = max(r["transient"] for r in pro)
-        notes.append(f"LoRA-Pro's step also allocates, for a moment, up to {_gib(t)} {short} (one m x n matrix of the "
-                     "largest layer in float32: block workspace and rank-sized stacks); not in the totals "
-                     "(efficient, adafactor and lowrank-factored: r-sized, negligible).")
+    dense = [r["transient"] for r in pro if r["preset"] == "efficient" or not storage(r["preset"]).separable]
+    if any(dense):
+        notes.append(f"LoRA-Pro's step also allocates, for a moment, up to {_gib(max(dense))} {short} (one m x n matrix "
+                     "of the largest layer in float32: block workspace and rank-sized stacks); not in the totals "
+                     "(efficient: r-sized, negligible).")
+    kept = {r["preset"]: r["transient"] for r in pro if r["preset"] != "efficient" and storage(r["preset"]).separable}
+    if kept:
+        shown = ", ".join(f"{p} {_gib(b)}" for p, b in kept.items())
+        notes.append(f"adafactor and lowrank-factored keep a scratch between steps ({shown} {short}: stacks and "
+                     "temporaries of the largest bucket of layers, r-sized); not in the totals.")
     if any(r["preset"] == "efficient" for r in pro):
         notes.append("* efficient is not LoRA-Pro's Algorithm 2: r-sized AdamW moments on the adjusted gradients "
                      "of A and B (what LoRA costs).")
