@@ -261,7 +261,8 @@ def plan(
     ``weights`` (every parameter but the LoRA factors, trained ones included), ``lora_factors``, ``grads`` (of
     the trained tensors), ``optimizer`` (without the ``step`` scalars, which live on the CPU) and ``total``;
     ``optimizer_one_process`` (the state unsharded), ``optimizer_per_rank``, ``sharded``, ``transient`` (the
-    largest buffer LoRA-Pro's step allocates for a while, not in ``total``), and the plan's common fields
+    largest buffer LoRA-Pro's step allocates for a while, or the scratch the separable presets keep between
+    steps; not in ``total``), and the plan's common fields
     (``model``, ``task``, ``rank``, ``world``, ``dtype``, ``params``, ``adapted_layers``, ...).
     """
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
