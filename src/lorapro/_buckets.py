@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .functional import compute_dtype, scale_vector
+from .functional import compute_dtype, scale_vector, separable_workspace_numel
 from .pairs import LoRAPair
 
 # Twice the rank-sized (L, r, m + n) stacks of a bucket a step keeps alive at once (8, measured with the
@@ -32,6 +32,13 @@ def stacked_numel(pairs: Sequence[LoRAPair]) -> int:
     """Elements of the four stacks :func:`stack_pairs` makes of ``pairs`` (one shape)."""
     (m, n), r = pairs[0].shape, pairs[0].rank
     return 2 * len(pairs) * r * (m + n)
+
+
+def separable_scratch_numel(pairs: Sequence[LoRAPair], storage: Any) -> int:
+    """Elements of the scratch a separable ``storage`` (:class:`lorapro.moments.Adafactor`) steps ``pairs`` (one
+    bucket) in: the four stacks and the step's m- and n-sized temporaries."""
+    (m, n), r = pairs[0].shape, pairs[0].rank
+    return stacked_numel(pairs) + separable_workspace_numel(len(pairs), m, n, r, storage.momentum_rank * r)
 
 
 def stack_pairs(pairs: Sequence[LoRAPair], out: Tensor | None = None) -> PairBatch:

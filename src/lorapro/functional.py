@@ -264,7 +264,7 @@ def adafactor_on_equivalent_gradient(
     batched matrix product over the bucket. The m- and n-sized temporaries are carved from ``workspace`` (a flat
     tensor of at least :func:`separable_workspace_numel` elements in the compute dtype) when one is given: an
     optimizer that keeps it between steps saves the page faults that fresh allocations of this size cost on a
-    CPU (glibc maps them anew and returns them when freed), about 40% of this function's time there.
+    CPU (glibc maps them anew and returns them when freed; docs/performance.md measures the step with and without).
     """
     if x_mode not in X_MODES:
         raise ValueError(f"x_mode must be one of {X_MODES}, got {x_mode!r}")

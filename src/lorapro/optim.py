@@ -22,12 +22,10 @@ from torch import Tensor
 from torch.optim.adam import adam as _functional_adam
 from torch.optim.optimizer import Optimizer, _get_scalar_dtype
 
-from ._buckets import apply_update, bucket_pairs, stack_pairs, stacked_numel
+from ._buckets import apply_update, bucket_pairs, separable_scratch_numel, stack_pairs, stacked_numel
 from ._dtensor import is_dtensor
 from ._params import ParamsLike, describe, resolve_params
-from .functional import (
-    X_MODES, adam_on_equivalent_gradient, adjusted_lora_gradients, compute_dtype, separable_workspace_numel,
-)
+from .functional import X_MODES, adam_on_equivalent_gradient, adjusted_lora_gradients, compute_dtype
 from .moments import storage as moment_storage
 from .pairs import LoRAPair
 from .sharding import Sharding
@@ -416,11 +414,9 @@ class LoRAProAdamW(_LoRAProOptimizer):
         storage = moment_storage(group["moments"])
         workspace = stacks = None
         if storage.separable:  # the stacks and the step's temporaries in the kept scratch
-            L, r, (m, n) = len(pairs), pairs[0].rank, pairs[0].shape
-            numel = separable_workspace_numel(L, m, n, r, getattr(storage, "momentum_rank", 0) * r)
-            stacked = stacked_numel(pairs)
-            scratch = self._scratch_buffer(numel + stacked, compute_dtype(pairs[0].A.dtype), pairs[0].A.device)
-            workspace, stacks = scratch[:numel], scratch[numel : numel + stacked]
+            stacked, numel = stacked_numel(pairs), separable_scratch_numel(pairs, storage)
+            scratch = self._scratch_buffer(numel, compute_dtype(pairs[0].A.dtype), pairs[0].A.device)
+            stacks, workspace = scratch[:stacked], scratch[stacked:numel]
         batch = stack_pairs(pairs, out=stacks)
         states = []
         for pair in pairs:

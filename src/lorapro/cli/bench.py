@@ -216,11 +216,11 @@ def _separable_products(layers: Layers) -> Callable[[], Any]:
     moment, Sylvester X), in the buckets the optimizer makes, on random operands of their shapes, into
     preallocated outputs. ``tests/test_bench.py`` checks with torch's flop counter that they are exactly the
     step's products."""
-    import lorapro
     from .._buckets import bucket_pairs
+    from .._params import resolve_params
 
     ops: list[Callable[[], Any]] = []
-    pairs = lorapro.LoRAProAdamW(layers.pairs(), lr=0.0)._pairs
+    _, pairs = resolve_params(layers.pairs())
     for bucket in bucket_pairs(pairs):
         L, r, (m, n) = len(bucket), bucket[0].rank, bucket[0].shape
         dev = layers.device

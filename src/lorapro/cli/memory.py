@@ -283,7 +283,7 @@ def plan(
     task = _task(config, task)
     from peft import LoraConfig, get_peft_model
 
-    from .._buckets import bucket_pairs
+    from .._buckets import bucket_pairs, separable_scratch_numel
     from ..functional import compute_dtype
     from ..moments import storage
     from ..pairs import find_lora_pairs
@@ -364,21 +364,14 @@ def plan(
         if preset == "efficient" or not pairs:
             transient = 0
         elif storage(preset).separable:
-            transient = max(_separable_scratch_bytes(b, storage(preset)) for b in bucket_pairs(pairs))
+            transient = max(
+                separable_scratch_numel(b, storage(preset)) * compute_dtype(b[0].A.dtype).itemsize
+                for b in bucket_pairs(pairs)
+            )
         else:
             transient = max(math.prod(p.shape) * compute_dtype(p.A.dtype).itemsize for p in pairs)
         rows.append(row("lorapro", preset, "LoRA-Pro", weights, factors, grads, per_rank, one, world > 1, transient))
     return rows
-
-
-def _separable_scratch_bytes(bucket: list[Any], store: Any) -> int:
-    """Bytes of the scratch :class:`lorapro.LoRAProAdamW` keeps for one bucket of a separable preset."""
-    from .._buckets import stacked_numel
-    from ..functional import compute_dtype, separable_workspace_numel
-
-    (m, n), r = bucket[0].shape, bucket[0].rank
-    numel = separable_workspace_numel(len(bucket), m, n, r, store.momentum_rank * r) + stacked_numel(bucket)
-    return numel * compute_dtype(bucket[0].A.dtype).itemsize
 
 
 # ------------------------------------------------------------------------------------------------ the table
