@@ -7,7 +7,8 @@ round times each mode with both, so drift cancels in the per-round ratio.
 
     .venv/bin/python benchmarks/compare_revisions.py --base 2844e38 --threads 2 --rounds 7
 
-Prints, per mode, the median step time of each and the median over rounds of new / base.
+Prints, per mode, the median step time of each and the median over rounds of new / base; with ``--adamw``,
+``torch.optim.AdamW`` on the same factors is timed in every round too, and each step's median ratio to it.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--adamw", action="store_true", help="time torch's AdamW on the factors in every round too")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -73,6 +75,10 @@ def main() -> None:
             kw = {"moments": "full", "fused": True} if mode == "full-fused" else {"moments": mode}
             for label, pkg in (("new", lorapro), ("base", base)):
                 steps[(mode, label)] = pkg.LoRAProAdamW(pairs(shapes, args.rank), lr=1e-4, **kw).step
+        if args.adamw:
+            steps[("adamw", "")] = torch.optim.AdamW(
+                [t for A, B, _ in pairs(shapes, args.rank) for t in (A, B)], lr=1e-4, foreach=True
+            ).step
         for step in steps.values():  # warm-up (the fused pass compiles here)
             step()
             step()
@@ -93,6 +99,17 @@ def main() -> None:
                "ratio_median": statistics.median(ratios), "ratio_quartiles": [q[0], q[2]]}
         rows.append(row)
         print(f"{mode} | {row['new_ms']:.1f} | {row['base_ms']:.1f} | {row['ratio_median']:.3f} | {q[0]:.3f} .. {q[2]:.3f}")
+    if args.adamw:
+        adamw = times[("adamw", "")]
+        print(f"torch AdamW on the factors: {statistics.median(adamw) * 1e3:.2f} ms")
+        print("mode | new / AdamW | base / AdamW (medians of rounds)")
+        for row in rows:
+            for label in ("new", "base"):
+                row[f"{label}_over_adamw"] = statistics.median(
+                    a / b for a, b in zip(times[(row["mode"], label)], adamw)
+                )
+            print(f"{row['mode']} | {row['new_over_adamw']:.2f} | {row['base_over_adamw']:.2f}")
+        rows.append({"mode": "adamw", "ms": statistics.median(adamw) * 1e3})
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -74,7 +75,7 @@ def test_b_zero_start_moves_only_b_first():
     torch.testing.assert_close(B, -0.1 * gB @ torch.linalg.inv(A0 @ A0.T) / s**2, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("where", ["pair", "other"])
 def test_non_finite_gradient_skips_the_whole_step(bad, where):
     model = tiny_peft(init_lora_weights=False)
@@ -96,3 +97,20 @@ def test_non_finite_gradient_skips_the_whole_step(bad, where):
     for k in state:
         for key, value in state[k].items():
             assert torch.equal(value, new_state[k][key])
+
+
+@pytest.mark.parametrize("where", ["pair", "other"])
+def test_finite_gradient_whose_norm_overflows_is_stepped(where):
+    """The finiteness check reads 2-norms first; 1e30 in every element overflows a float32 norm but is finite,
+    so the step must be taken (no warning, the step counts advance), not skipped as if it were Inf."""
+    model = tiny_peft(dtype=torch.float32, init_lora_weights=False)
+    opt = lorapro.LoRAProAdamW(model, lr=1e-2)
+    opt.zero_grad()
+    tiny_loss(model, tiny_batch(dtype=torch.float32)).backward()
+    target = opt.pairs[1].B if where == "pair" else opt.param_groups[0]["params"][-1]
+    target.grad.fill_(1e30)
+    assert not torch.isfinite(torch.linalg.vector_norm(target.grad))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*step was skipped")
+        opt.step()
+    assert float(opt.state[target]["step"]) == 1.0

@@ -16,6 +16,10 @@ from .pairs import LoRAPair
 _LIVE_STACKS = 16
 # Buckets of small layers may stack this much regardless of their m x n (their batching is what makes them fast).
 _MIN_STACK_ELEMENTS = 1 << 21
+# A separable preset's bucket: its scratch (stacks and temporaries, kept between steps) up to this many elements
+# (64 MiB in float32). Its step has no m x n tensor to bound the bucket by, and a fixed cost per bucket of about
+# 0.5 ms on a CPU (a few hundred r-sized ops, one batched eigendecomposition) that larger buckets share.
+_SEPARABLE_SCRATCH_ELEMENTS = 1 << 24
 
 
 class PairBatch(NamedTuple):
@@ -67,18 +71,22 @@ def stack_pairs(pairs: Sequence[LoRAPair], out: Tensor | None = None) -> PairBat
     return PairBatch(A, B, gA, gB, scale_vector(tuple(p.scale for p in pairs), ct, A.device))
 
 
-def bucket_pairs(pairs: Iterable[LoRAPair]) -> list[list[LoRAPair]]:
+def bucket_pairs(pairs: Iterable[LoRAPair], storage: Any = None) -> list[list[LoRAPair]]:
     """Group pairs whose matrix views share shape, dtype and device, so their r x r algebra is batched; split
     a group into chunks whose rank-sized stacks stay within half an m x n matrix (measured: the constant above
     is twice the stacks alive at the peak), so the step's transient memory does not grow with the number of
-    layers."""
+    layers. For a separable ``storage`` (:class:`lorapro.moments.Adafactor`) the chunks' scratch
+    (:func:`separable_scratch_numel`) stays within ``_SEPARABLE_SCRATCH_ELEMENTS`` instead."""
     buckets: dict[tuple[Any, ...], list[LoRAPair]] = {}
     for p in pairs:
         buckets.setdefault((p.rank, *p.shape, p.A.dtype, p.A.device), []).append(p)
+    separable = getattr(storage, "separable", False)
     out = []
     for (r, m, n, *_), bucket in buckets.items():
-        per_layer = _LIVE_STACKS * max(r, 1) * (m + n)
-        size = max(1, max(m * n, _MIN_STACK_ELEMENTS) // per_layer)
+        if separable:
+            size = max(1, _SEPARABLE_SCRATCH_ELEMENTS // separable_scratch_numel(bucket[:1], storage))
+        else:
+            size = max(1, max(m * n, _MIN_STACK_ELEMENTS) // (_LIVE_STACKS * max(r, 1) * (m + n)))
         out += [bucket[i : i + size] for i in range(0, len(bucket), size)]
     return out
 
@@ -86,8 +94,12 @@ def bucket_pairs(pairs: Iterable[LoRAPair]) -> list[list[LoRAPair]]:
 def apply_update(pairs: Sequence[LoRAPair], batch: PairBatch, a: Tensor, b: Tensor, lr: float, wd: float) -> None:
     """``A <- A (1 - lr wd) - lr a`` and likewise for ``B``, computed in the compute dtype, rounded once."""
     decay = 1.0 - lr * wd
-    new_A = batch.A.mul_(decay).sub_(a, alpha=lr)  # in place: the stacks are the step's own copies
-    new_B = batch.B.mul_(decay).sub_(b, alpha=lr)
+    new_A, new_B = batch.A, batch.B  # updated in place: the stacks are the step's own copies
+    if decay != 1.0:  # (a multiply by 1 is exact: skipping it changes no bit)
+        new_A.mul_(decay)
+        new_B.mul_(decay)
+    new_A.sub_(a, alpha=lr)
+    new_B.sub_(b, alpha=lr)
     # (the sources reshaped, not the parameters: a non-contiguous parameter's reshape could be a copy)
     torch._foreach_copy_([p.A for p in pairs], [x.reshape(p.A.shape) for x, p in zip(new_A.unbind(0), pairs)])
     torch._foreach_copy_([p.B for p in pairs], [x.reshape(p.B.shape) for x, p in zip(new_B.unbind(0), pairs)])

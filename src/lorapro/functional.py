@@ -116,12 +116,12 @@ def eigh_psd(S: Tensor, rcond: float | None = None) -> EigenFactor:
     if rcond is None:
         rcond = r * finfo.eps
     eigvals, Q = torch.linalg.eigh(S)
-    lam_max = eigvals.amax(dim=-1, keepdim=True)
-    threshold = torch.clamp(lam_max * rcond, min=finfo.tiny**0.5)
+    # eigh returns them ascending: the largest is the last. (Few ops: the separable step pays per op, not per
+    # element, for these r-sized matrices.)
+    threshold = (eigvals[..., -1:] * rcond).clamp_min_(finfo.tiny**0.5)
     keep = eigvals > threshold
-    eigvals = torch.where(keep, eigvals, torch.zeros_like(eigvals))
-    safe = torch.where(keep, eigvals, torch.ones_like(eigvals))
-    inv_eigvals = torch.where(keep, 1.0 / safe, torch.zeros_like(eigvals))
+    eigvals = torch.where(keep, eigvals, 0.0)
+    inv_eigvals = torch.where(keep, eigvals.reciprocal(), 0.0)  # the inf of 1/0 is never selected
     return EigenFactor(Q, eigvals, inv_eigvals)
 
 
@@ -152,9 +152,7 @@ def solve_sylvester_spd(
     Pe = P if isinstance(P, EigenFactor) else eigh_psd(P, rcond)
     Qe = Q if isinstance(Q, EigenFactor) else eigh_psd(Q, rcond)
     denom = Pe.eigvals.unsqueeze(-1) + Qe.eigvals.unsqueeze(-2)
-    nonzero = denom > 0
-    Ct = Pe.Q.mT @ C @ Qe.Q
-    Xt = torch.where(nonzero, Ct / torch.where(nonzero, denom, torch.ones_like(denom)), torch.zeros_like(Ct))
+    Xt = torch.where(denom > 0, (Pe.Q.mT @ C @ Qe.Q) / denom, 0.0)  # 0/0 where denom is 0, never selected
     return Pe.Q @ Xt @ Qe.Q.mT
 
 
@@ -272,37 +270,46 @@ def adafactor_on_equivalent_gradient(
     s = scale.reshape(-1, 1, 1)
     k_m = 0 if momentum is None else momentum[0].shape[-1]
     ws = _Carver(workspace if workspace is not None else A.new_empty(separable_workspace_numel(L, m, n, r, k_m)))
-    BtB, AAt = B.mT @ B, A @ A.mT
-    f = LoRAFactors(eigh_psd(BtB, rcond), eigh_psd(AAt, rcond))
-    Bp, Ap = f.BtB.pinv(), f.AAt.pinv()
+    # The r x r algebra costs per op, not per element, at these sizes: B^T B and A A^T are decomposed and
+    # pseudo-inverted as one batch of 2L, and each block matrix below is assembled in as few ops as it takes.
+    gram = torch.cat([B.mT @ B, A @ A.mT])
+    e = eigh_psd(gram, rcond)
+    pinv = e.pinv()
+    BtB, AAt, Bp, Ap = gram[:L], gram[L:], pinv[:L], pinv[L:]
+    f = LoRAFactors(EigenFactor(e.Q[:L], e.eigvals[:L], e.inv_eigvals[:L]),
+                    EigenFactor(e.Q[L:], e.eigvals[L:], e.inv_eigvals[L:]))
     # step 1 with X = 0: adjusted_lora_gradients(x_mode="zero") through the pseudo-inverses that step 5 needs too
     # (one product with gA instead of solve's two): a = (B^T B)^+ gA / s^2,
     # b = (gB - B (B^T B)^+ B^T gB) (A A^T)^+ / s^2
-    Ap_s2 = Ap / (s * s)
-    a = torch.bmm(Bp / (s * s), gA, out=ws.take(L, r, n))
+    inv_s2 = (s * s).reciprocal()
+    Ap_s2 = Ap * inv_s2
+    a = torch.bmm(Bp * inv_s2, gA, out=ws.take(L, r, n))
     b = torch.bmm(gB, Ap_s2, out=ws.take(L, m, r))
     torch.baddbmm(b, B, Bp @ (B.mT @ gB) @ Ap_s2, alpha=-1.0, out=b)
-    lb = torch.cat([B, b, B], dim=-1, out=ws.take(L, m, 3 * r))  # [P, B] once P = s [B, b] below
-    lb[..., : 2 * r].mul_(s)
+    lb = torch.cat([B, b, B], dim=-1, out=ws.take(L, m, 3 * r))  # [P / s, B]
     rb = torch.cat([a, A, A], dim=-2, out=ws.take(L, 3 * r, n))  # [K; A]
-    P, K = lb[..., : 2 * r], rb[..., : 2 * r, :]
-    # K K^T = [[a a^T, a A^T], [A a^T, A A^T]] and P^T P = [[s^2 B^T B, s^2 B^T b], [., s^2 b^T b]]
+    Pu, K = lb[..., : 2 * r], rb[..., : 2 * r, :]  # Pu = P / s: s goes on r-sized matrices, not on an m-sized pass
+    s2 = s * s
+    # K K^T = [[a a^T, a A^T], [A a^T, A A^T]], its first r columns K a^T; P^T P = s^2 [[B^T B, B^T b],
+    # [b^T B, b^T b]], its last r columns s^2 Pu^T b; the row sums of G^2 are those of (Pu s^2 K K^T) * Pu
     Ka = K @ a.mT
-    KKt = torch.cat([torch.cat([Ka[..., :r, :], Ka[..., r:, :].mT], -1), torch.cat([Ka[..., r:, :], AAt], -1)], -2)
-    Pb = P.mT @ lb[..., r : 2 * r]
-    PtP = torch.cat(
-        [torch.cat([BtB * (s * s), Pb[..., :r, :]], -1), torch.cat([Pb[..., :r, :].mT, Pb[..., r:, :]], -1)], -2
-    )
-    row_sq = torch.bmm(P, KKt, out=ws.take(L, m, 2 * r)).mul_(P).sum(-1)
+    KKt = torch.cat([Ka, torch.cat([Ka[..., r:, :].mT, AAt], -2)], -1).mul_(s2)
+    Pb = Pu.mT @ lb[..., r : 2 * r]
+    PtP = torch.cat([torch.cat([BtB, Pb[..., :r, :].mT], -2), Pb], -1).mul_(s2)
+    row_sq = torch.bmm(Pu, KKt, out=ws.take(L, m, 2 * r)).mul_(Pu).sum(-1)
     col_sq = torch.bmm(PtP, K, out=ws.take(L, 2 * r, n)).mul_(K).sum(-2)
     row.mul_(beta2).add_(row_sq.div_(n).add_(eps1), alpha=1.0 - beta2)
     col.mul_(beta2).add_(col_sq.div_(m).add_(eps1), alpha=1.0 - beta2)
     c = (bias_correction2 * row.mean(-1)).sqrt()
-    if momentum is not None:  # [Ls, B] and [Rs; A] from the new first moment instead of G's factors
+    left_scale = row.rsqrt()[..., None]
+    if momentum is None:  # Ls = diag(row)^{-1/2} P = diag(row)^{-1/2} s Pu
+        left_scale = left_scale * s
+    else:  # [Ls, B] and [Rs; A] from the new first moment instead of G's factors
         left, right = momentum
         k = left.shape[-1]
+        Pu.mul_(s)  # the truncation needs P itself
         truncate_low_rank_product(
-            left, right, P, K, beta1, rcond, workspace=(ws.take(L, m, k + 2 * r), ws.take(L, k + 2 * r, n))
+            left, right, Pu, K, beta1, rcond, workspace=(ws.take(L, m, k + 2 * r), ws.take(L, k + 2 * r, n))
         )
         if k == 2 * r:  # in place of P and K, which are not needed any more
             lb[..., :k].copy_(left)
@@ -313,7 +320,7 @@ def adafactor_on_equivalent_gradient(
         c = c / bias_correction1
     k = lb.shape[-1] - r
     Ls, Rs = lb[..., :k], rb[..., :k, :]
-    Ls.mul_(row.rsqrt()[..., None])
+    Ls.mul_(left_scale)
     Rs.mul_(col.rsqrt()[..., None, :])
     LtL_LtB = Ls.mT @ lb  # [Ls^T Ls, Ls^T B]
     RRt_RAt = Rs @ rb.mT  # [Rs Rs^T, Rs A^T]

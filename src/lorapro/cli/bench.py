@@ -218,10 +218,11 @@ def _separable_products(layers: Layers) -> Callable[[], Any]:
     step's products."""
     from .._buckets import bucket_pairs
     from .._params import resolve_params
+    from ..moments import storage
 
     ops: list[Callable[[], Any]] = []
     _, pairs = resolve_params(layers.pairs())
-    for bucket in bucket_pairs(pairs):
+    for bucket in bucket_pairs(pairs, storage("adafactor")):
         L, r, (m, n) = len(bucket), bucket[0].rank, bucket[0].shape
         dev = layers.device
 

@@ -366,7 +366,7 @@ def plan(
         elif storage(preset).separable:
             transient = max(
                 separable_scratch_numel(b, storage(preset)) * compute_dtype(b[0].A.dtype).itemsize
-                for b in bucket_pairs(pairs)
+                for b in bucket_pairs(pairs, storage(preset))
             )
         else:
             transient = max(math.prod(p.shape) * compute_dtype(p.A.dtype).itemsize for p in pairs)
