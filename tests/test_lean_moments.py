@@ -286,3 +286,23 @@ def test_separable_presets_allocate_nothing_m_by_n(moments, bound):
         stacks = 4 * r * (m + m) * layers
         assert peak <= bound * stacks, (m, peak, stacks)
     assert peak < 4 * m * m / 8  # at m = 4096: under an eighth of one m x n float32 matrix
+
+
+@pytest.mark.parametrize("moments", ["adafactor", "lowrank-factored"])
+def test_separable_buckets_are_sized_by_their_scratch(moments):
+    """A separable preset's buckets hold as many layers as fit 2^24 numbers of scratch (its step has a fixed cost
+    per bucket and no m x n tensor to bound it), not the m x n presets' half matrix of stacks."""
+    from lorapro._buckets import _SEPARABLE_SCRATCH_ELEMENTS, bucket_pairs, separable_scratch_numel
+    from lorapro._params import resolve_params
+
+    r, m = 16, 2048
+    layers = [(torch.empty(r, m, device="meta"), torch.empty(m, r, device="meta"), 1.0) for _ in range(40)]
+    _, pairs = resolve_params(layers)
+    plain = bucket_pairs(pairs)
+    lean = bucket_pairs(pairs, storage(moments))
+    per_layer = separable_scratch_numel(pairs[:1], storage(moments))
+    assert [len(b) for b in plain] == [4] * 10  # the m x n rule: stacks within half an m x n matrix
+    size = _SEPARABLE_SCRATCH_ELEMENTS // per_layer
+    assert size > 4 and [len(b) for b in lean] == [size] * (40 // size) + ([40 % size] if 40 % size else [])
+    assert max(separable_scratch_numel(b, storage(moments)) for b in lean) <= _SEPARABLE_SCRATCH_ELEMENTS
+    assert [p for b in lean for p in b] == pairs
