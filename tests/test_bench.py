@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,3 +89,20 @@ def test_bench_reports_the_separable_ratios(capsys):
     text = capsys.readouterr().out
     assert "lorapro-adafactor / AdamW on the factors" in text
     assert "lorapro-adafactor / floor-separable" in text
+
+
+def test_separable_overhead_script_runs_and_sets_the_bucket_sizes_it_names(tmp_path):
+    """benchmarks/separable_overhead.py, at toy sizes: every row timed, and the bucket rule restored after."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "overhead.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root / "src"))
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "separable_overhead.py"), "--layers", "4", "--small", "16",
+         "--large", "64", "--rank", "4", "--threads", "1", "--rounds", "2", "--json", str(out)],
+        cwd=root, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert set(figures["function"]) == {"function 16", "function 64", "step 64", "floor-separable", "adamw-lora"}
+    assert set(figures["buckets"]) == {"4 per bucket", "2 per bucket", "1 per bucket"}
+    assert all(ms > 0 for part in ("function", "buckets") for ms in figures[part].values())
