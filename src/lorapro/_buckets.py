@@ -17,8 +17,9 @@ _LIVE_STACKS = 16
 # Buckets of small layers may stack this much regardless of their m x n (their batching is what makes them fast).
 _MIN_STACK_ELEMENTS = 1 << 21
 # A separable preset's bucket: its scratch (stacks and temporaries, kept between steps) up to this many elements
-# (64 MiB in float32). Its step has no m x n tensor to bound the bucket by, and a fixed cost per bucket of about
-# 0.5 ms on a CPU (a few hundred r-sized ops, one batched eigendecomposition) that larger buckets share.
+# (64 MiB in float32). Its step has no m x n tensor to bound the bucket by, and a fixed cost per bucket that larger
+# buckets share: about 140 ops and one batched eigendecomposition, 0.5-1 ms on a 2-core CPU
+# (benchmarks/separable_overhead.py).
 _SEPARABLE_SCRATCH_ELEMENTS = 1 << 24
 
 
