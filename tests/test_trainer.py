@@ -218,6 +218,26 @@ def test_sgd_method(tmp_path):
         LoRAProTrainer(model=model, args=training_args(tmp_path), lorapro_method="adam")
 
 
+@pytest.mark.parametrize("moments", ["int8-factored", "adafactor", "lowrank-factored"])
+def test_lean_presets_train_through_the_trainer(tmp_path, moments):
+    """The memory presets reach the Trainer through ``lorapro_kwargs``: the state is the preset's, the factors move."""
+    from lorapro.moments import storage
+
+    model = tiny_bert_lora()
+    trainer = LoRAProTrainer(
+        model=model, args=training_args(tmp_path, max_steps=2, save_strategy="no"), train_dataset=RandomTokens(),
+        lorapro_kwargs={"moments": moments},
+    )
+    before = trainable(model)
+    trainer.train()
+    opt = inner(trainer.optimizer)
+    assert all(g["moments"] == moments for g in opt.param_groups)
+    for pair in opt.pairs:
+        expected = storage(moments).state_shapes(*pair.shape, rank=pair.rank)
+        assert set(opt.state[pair.B]) == {"step", *expected}
+        assert not torch.equal(pair.A, before[next(n for n, p in model.named_parameters() if p is pair.A)])
+
+
 def test_make_lorapro_optimizer_with_stock_trainer(tmp_path):
     model = tiny_bert_lora()
     args = training_args(tmp_path, max_steps=3, save_steps=3)
