@@ -49,11 +49,9 @@ def separable_scratch_numel(pairs: Sequence[LoRAPair], storage: Any) -> int:
 def stack_pairs(pairs: Sequence[LoRAPair], out: Tensor | None = None) -> PairBatch:
     """The factors and gradients of ``pairs`` (one shape) as stacked matrices (copies, which the step may
     overwrite); a missing gradient is zero. ``out``: a flat buffer of :func:`stacked_numel` elements in the
-    compute dtype to stack into, used when the parameters are in that dtype."""
+    compute dtype to stack into (fp16/bf16 tensors are widened as they are copied in)."""
     ct = compute_dtype(pairs[0].A.dtype)
     (m, n), r, L = pairs[0].shape, pairs[0].rank, len(pairs)
-    if out is not None and pairs[0].A.dtype != ct:
-        out = None
     sizes, shapes = [L * r * n, L * m * r] * 2, [(L, r, n), (L, m, r)] * 2
     outs = list(out.split(sizes)) if out is not None else [None] * 4
 
@@ -63,7 +61,11 @@ def stack_pairs(pairs: Sequence[LoRAPair], out: Tensor | None = None) -> PairBat
     def stack(tensors: list[Tensor], i: int) -> Tensor:
         if outs[i] is None:
             return torch.stack(tensors).to(ct)
-        return torch.stack(tensors, out=outs[i].view(shapes[i]))
+        view = outs[i].view(shapes[i])
+        if tensors[0].dtype == ct:
+            return torch.stack(tensors, out=view)
+        torch._foreach_copy_(list(view.unbind(0)), tensors)
+        return view
 
     A = stack([p.A_matrix() for p in pairs], 0)
     B = stack([p.B_matrix() for p in pairs], 1)
