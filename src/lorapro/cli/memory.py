@@ -453,12 +453,15 @@ def format_table(rows: list[dict[str, Any]], gpu_gib: float | None = None, reser
          "(torch.optim.AdamW keeps them in the parameter's dtype); PEFT keeps LoRA factors of a bf16/fp16 model in "
          "float32."),
     ]
-    dense = [r["transient"] for r in pro if r["preset"] == "efficient" or not storage(r["preset"]).separable]
+    def kept_between_steps(preset: str) -> bool:  # the separable presets' transient is the scratch they keep
+        return preset != "efficient" and storage(preset).separable
+
+    dense = [r["transient"] for r in pro if not kept_between_steps(r["preset"])]
     if any(dense):
         notes.append(f"LoRA-Pro's step also allocates, for a moment, up to {_gib(max(dense))} {short} (one m x n matrix "
                      "of the largest layer in float32: block workspace and rank-sized stacks); not in the totals "
                      "(efficient: r-sized, negligible).")
-    kept = {r["preset"]: r["transient"] for r in pro if r["preset"] != "efficient" and storage(r["preset"]).separable}
+    kept = {r["preset"]: r["transient"] for r in pro if kept_between_steps(r["preset"])}
     if kept:
         shown = ", ".join(f"{p} {_gib(b)}" for p, b in kept.items())
         notes.append(f"adafactor and lowrank-factored keep a scratch between steps ({shown} {short}: stacks and "
