@@ -177,7 +177,7 @@ class _LoRAProOptimizer(Optimizer):
             pairs, others = self._split_group(group)
             pairs = self._sharding.gather(pairs)
             stepped += pairs
-            for bucket in bucket_pairs((p for p in pairs if self._sharding.owns(p)), self._bucket_storage(group)):
+            for bucket in bucket_pairs((p for p in pairs if self._sharding.owns(p)), self._moment_storage(group)):
                 self._step_pairs(group, bucket)
             if others:
                 self._step_others(group, others)
@@ -194,8 +194,9 @@ class _LoRAProOptimizer(Optimizer):
     def _step_pairs(self, group: dict[str, Any], pairs: list[LoRAPair]) -> None:
         raise NotImplementedError
 
-    def _bucket_storage(self, group: dict[str, Any]) -> Any:
-        """The moment storage ``group``'s buckets are sized for (:func:`bucket_pairs`); None for the m x n rule."""
+    def _moment_storage(self, group: dict[str, Any]) -> Any:
+        """How ``group`` keeps its pairs' moments (its buckets are sized for it: :func:`bucket_pairs`); None when
+        it keeps no m x n moments (SGD; AdamW's ``moments="efficient"``), and buckets follow the m x n rule."""
         return None
 
     def _step_others(self, group: dict[str, Any], params: list[Tensor]) -> None:
@@ -407,7 +408,7 @@ class LoRAProAdamW(_LoRAProOptimizer):
             raise ValueError(f"Invalid betas: {betas!r} (expected two numbers in [0, 1))")
         moments, fused = group["moments"], group.get("fused", False)
         try:
-            store = None if moments == "efficient" else moment_storage(moments)
+            store = self._moment_storage(group)
         except (ValueError, TypeError, AttributeError):
             raise ValueError(
                 f"Invalid moments: {moments!r} (expected one of {', '.join(MOMENT_MODES)}, or '<first>-<second>' with "
@@ -419,19 +420,19 @@ class LoRAProAdamW(_LoRAProOptimizer):
             raise ValueError(f"fused=True is for moments 'full', not {moments!r}")
 
     def _expected_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-        moments = group["moments"]
-        if moments != "efficient" and id(param) in self._pair_A_ids:
+        storage = self._moment_storage(group)
+        if storage is not None and id(param) in self._pair_A_ids:
             return {}  # a pair's moments live with its B
         pair = self._pair_by_B.get(id(param))
-        if moments == "efficient" or pair is None:
+        if storage is None or pair is None:
             return {"exp_avg": tuple(param.shape), "exp_avg_sq": tuple(param.shape)}
-        return moment_storage(moments).state_shapes(*pair.shape, rank=pair.rank)
+        return storage.state_shapes(*pair.shape, rank=pair.rank)
 
     def _step_pairs(self, group: dict[str, Any], pairs: list[LoRAPair]) -> None:
-        if group["moments"] == "efficient":
+        storage = self._moment_storage(group)
+        if storage is None:
             self._step_projected_adamw(group, pairs, stack_pairs(pairs))
             return
-        storage = moment_storage(group["moments"])
         workspace = stacks = None
         if storage.separable:  # the stacks and the step's temporaries in the kept scratch
             stacked, numel = stacked_numel(pairs), separable_scratch_numel(pairs, storage)
@@ -455,7 +456,8 @@ class LoRAProAdamW(_LoRAProOptimizer):
         )
         apply_update(pairs, batch, a, b, group["lr"], group["weight_decay"])
 
-    def _bucket_storage(self, group: dict[str, Any]) -> Any:
+    def _moment_storage(self, group: dict[str, Any]) -> Any:
+        # "efficient" keeps an ordinary AdamW's moments on the factors: no storage of m x n moments.
         return None if group["moments"] == "efficient" else moment_storage(group["moments"])
 
     def _scratch_buffer(self, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
