@@ -31,6 +31,10 @@ is used through PYTHONPATH)::
 
     python3 -m venv --system-site-packages .venv && .venv/bin/python -m pip install --no-deps --no-build-isolation -e .
 
+The smoke run (below), with and without ``--fused-on-cpu``, passes on a CPU under that machine's versions (torch
+2.11.0, transformers 5.17.0) with peft 0.21.2, checked 2026-12-08 in a scratch venv (``pip install torch==2.11.0
+transformers==5.17.0 peft==0.21.2 pytest hypothesis``; ``PYTHONPATH=src python benchmarks/gpu_check.py --smoke``).
+
 On a CPU, in seconds, so that it cannot rot (tests/test_gpu_check.py)::
 
     .venv/bin/python benchmarks/gpu_check.py --smoke --out /tmp/gpu_check
